@@ -1,0 +1,173 @@
+"""FLOPs and parameters of the network as a function of how many channels each group keeps.
+
+    cost = ResourceModel(model, groups, torch.randn(1, 3, 32, 32))
+    cost.flops({"features.0": 32})          # MACs with 32 of that group's channels kept
+    cost.params(masks)                       # keep counts or boolean masks, per group name
+
+Exact by construction: one traced pass records every Conv2d/Linear's kernel and output size,
+and each layer's input/output width is a constant plus (features per channel) x (channels kept)
+for every group that touches it. A layer's MACs are then out * in * k*k * H*W (out * k*k * H*W
+for a depthwise conv), and its parameters out * in * k*k (+ bias, + BN affine): bilinear in the
+widths of adjacent groups. Counted as `compress.flops.count` counts (MACs of Conv2d and Linear,
+every parameter), which the tests check on extracted networks.
+
+Everything is numpy over a (layers x groups) matrix, so one evaluation costs microseconds and
+the budgeted selection can re-evaluate marginal costs after every removed channel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.errors import UserError
+from compress.prune.graph import ChannelGroup
+
+METRICS = ("flops", "params")
+
+
+class ResourceModel:
+    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup], example_input: torch.Tensor):
+        self.groups = list(groups)
+        self.names = [g.name for g in self.groups]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.sizes = np.array([g.size for g in self.groups], dtype=np.int64)
+        spatial = _output_positions(model, example_input)
+
+        # Each layer's width as c + A @ keep, for its input side and its output side.
+        coef: dict[tuple[str, str], dict[int, int]] = {}
+        for gi, group in enumerate(self.groups):
+            for member in group.members:
+                per_channel, rest = divmod(len(member.idxs), group.size)
+                if rest:
+                    raise UserError(f"layer '{member.module}' reads group '{group.name}' unevenly "
+                                    f"({len(member.idxs)} indices for {group.size} channels)")
+                coef.setdefault((member.module, member.kind), {})[gi] = per_channel
+
+        rows = []  # (name, c_in, a_in, c_out, a_out, flops_ab, flops_b, params_ab, params_b)
+        changing_params = 0
+        for name, module in model.named_modules():
+            a_in = coef.get((name, "in"), {})
+            a_out = coef.get((name, "out"), {})
+            if isinstance(module, nn.Conv2d):
+                depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
+                if depthwise:  # its inputs are its outputs
+                    a_in = a_out = {**a_in, **a_out}
+                kernel = math.prod(module.kernel_size)
+                bias = 1 if module.bias is not None else 0
+                positions = spatial.get(name, 0)
+                c_in, c_out = module.in_channels, module.out_channels
+                if depthwise:
+                    row = (0, kernel * positions, 0, kernel + bias)
+                elif a_in or a_out:
+                    row = (kernel * positions, 0, kernel, bias)
+                else:  # untouched (possibly grouped) conv: fold it in as a constant output term
+                    row = (0, c_in // module.groups * kernel * positions, 0, c_in // module.groups * kernel + bias)
+                changing_params += sum(p.numel() for p in module.parameters(recurse=False))
+            elif isinstance(module, nn.Linear):
+                bias = 1 if module.bias is not None else 0
+                c_in, c_out = module.in_features, module.out_features
+                row = (spatial.get(name, 0), 0, 1, bias)
+                changing_params += sum(p.numel() for p in module.parameters(recurse=False))
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                c_in = c_out = module.num_features
+                a_in = {}
+                row = (0, 0, 0, 2 if module.affine else 0)
+                changing_params += sum(p.numel() for p in module.parameters(recurse=False))
+            else:
+                continue
+            for gi, k in a_in.items():
+                c_in -= k * self.sizes[gi]
+            for gi, k in a_out.items():
+                c_out -= k * self.sizes[gi]
+            rows.append((name, c_in, a_in, c_out, a_out, *row))
+
+        n_layers, n_groups = len(rows), len(self.groups)
+        self.layer_names = [r[0] for r in rows]
+        self.c_in = np.array([r[1] for r in rows], dtype=np.float64)
+        self.c_out = np.array([r[3] for r in rows], dtype=np.float64)
+        self.a_in = np.zeros((n_layers, n_groups))
+        self.a_out = np.zeros((n_layers, n_groups))
+        for li, r in enumerate(rows):
+            for gi, k in r[2].items():
+                self.a_in[li, gi] = k
+            for gi, k in r[4].items():
+                self.a_out[li, gi] = k
+        # resource = const + sum_l ab_l * out_l * in_l + b_l * out_l
+        self.ab = {"flops": np.array([r[5] for r in rows], dtype=np.float64),
+                   "params": np.array([r[7] for r in rows], dtype=np.float64)}
+        self.b = {"flops": np.array([r[6] for r in rows], dtype=np.float64),
+                  "params": np.array([r[8] for r in rows], dtype=np.float64)}
+        total_params = sum(p.numel() for p in model.parameters())
+        self.const = {"flops": 0.0, "params": float(total_params - changing_params)}
+        full = self.sizes.astype(np.float64)
+        self.dense_flops = self.flops(full)
+        self.dense_params = self.params(full)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def vector(self, keep: Mapping[str, int | torch.Tensor] | np.ndarray | None) -> np.ndarray:
+        """Kept channels per group as a float vector (missing groups: all kept)."""
+        if isinstance(keep, np.ndarray):
+            return keep.astype(np.float64)
+        k = self.sizes.astype(np.float64)
+        for name, value in (keep or {}).items():
+            if name not in self.index:
+                raise KeyError(f"unknown group {name!r}")
+            if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+                value = int(value.sum())
+            k[self.index[name]] = float(value)
+        return k
+
+    def resource(self, metric: str, keep) -> int:
+        if metric not in METRICS:
+            raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        k = self.vector(keep)
+        width_in = self.c_in + self.a_in @ k
+        width_out = self.c_out + self.a_out @ k
+        total = self.const[metric] + np.sum(self.ab[metric] * width_out * width_in + self.b[metric] * width_out)
+        return int(round(total))
+
+    def flops(self, keep) -> int:
+        return self.resource("flops", keep)
+
+    def params(self, keep) -> int:
+        return self.resource("params", keep)
+
+    def dense(self, metric: str) -> int:
+        return self.dense_flops if metric == "flops" else self.dense_params
+
+    def removal_savings(self, metric: str, k: np.ndarray) -> np.ndarray:
+        """Exact resource saved by removing one more channel of each group, at widths `k`."""
+        width_in = self.c_in + self.a_in @ k
+        width_out = self.c_out + self.a_out @ k
+        ab, b = self.ab[metric][:, None], self.b[metric][:, None]
+        per_layer = ab * (width_out[:, None] * self.a_in + self.a_out * width_in[:, None]
+                          - self.a_out * self.a_in) + b * self.a_out
+        return per_layer.sum(axis=0)
+
+
+def _output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Per Conv2d/Linear: output positions per sample (H*W; tokens for a 3-D Linear input)."""
+    names = {m: n for n, m in model.named_modules()}
+    batch = example_input.shape[0]
+    positions: dict[str, int] = {}
+
+    def hook(module, inputs, output):
+        channels = output.shape[1] if isinstance(module, nn.Conv2d) else output.shape[-1]
+        positions[names[module]] = output.numel() // (batch * channels)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return positions

@@ -1,0 +1,322 @@
+"""The interpreters: LiteRT (ai-edge-litert), the older tflite-runtime, and ONNX Runtime.
+
+A backend is imported only when a model is loaded with it, so `import runtime` stays light. Each
+session wraps one interpreter behind the same small surface: `run(x)` = one invoke on an
+already-preprocessed input, returning the raw output.
+
+Threads. TFLite interpreters are not thread-safe (set_tensor/invoke/get_tensor share the
+interpreter's buffers), so a TFLiteSession holds one interpreter and a lock: concurrent callers
+are serialised and each gets its own result; `threads` still parallelises inside one invoke.
+One interpreter (not one per thread) keeps memory flat on small boards. ONNX Runtime's
+`InferenceSession.run` is thread-safe, so OnnxSession runs concurrently without a lock.
+
+Batches. The exported TFLite models usually have a fixed batch of 1 (their reshape before the
+classifier is baked for it), so resizing the input tensor would be unsafe: a TFLiteSession
+resizes only when the model's shape signature says the batch is dynamic (-1); otherwise
+`fixed_batch` is set and `Model.predict` loops over the images. ONNX models take any batch.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import struct
+import threading
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+
+from .bundle import Artifact
+from .errors import BundleError, InputError
+
+# Preference order when the user does not name one.
+BACKENDS = ("ai-edge-litert", "tflite-runtime", "onnxruntime")
+_MODULE = {"ai-edge-litert": "ai_edge_litert", "tflite-runtime": "tflite_runtime", "onnxruntime": "onnxruntime"}
+_KIND = {"ai-edge-litert": "tflite", "tflite-runtime": "tflite", "onnxruntime": "onnx"}
+_PIP = {"ai-edge-litert": 'pip install "edgeslim[device]"   (or: pip install ai-edge-litert)',
+        "tflite-runtime": 'pip install "edgeslim[device-tflite]"   (or: pip install "numpy<2" tflite-runtime)',
+        "onnxruntime": 'pip install "edgeslim[device-onnx]"   (or: pip install onnxruntime)'}
+
+
+def format_kind(fmt: str) -> str:
+    """'tflite' or 'onnx': which family of interpreter a bundle format needs."""
+    return "tflite" if fmt.startswith("tflite") else "onnx"
+
+
+def is_installed(backend: str) -> bool:
+    # find_spec looks the package up without importing it (and without its native libraries).
+    try:
+        return importlib.util.find_spec(_MODULE[backend]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def installed_backends() -> List[str]:
+    return [b for b in BACKENDS if is_installed(b)]
+
+
+def backends_for(fmt: str) -> List[str]:
+    """The backends that can run a format, preferred first (installed or not)."""
+    return [b for b in BACKENDS if _KIND[b] == format_kind(fmt)]
+
+
+def install_hint(fmt: str) -> str:
+    """The pip command that makes `fmt` runnable."""
+    return _PIP[backends_for(fmt)[0]]
+
+
+def import_backend(backend: str) -> Any:
+    """The backend's module that holds the interpreter class. A package that is present but does
+    not import (the usual case: tflite-runtime 2.14 built for numpy 1.x under numpy 2) is a
+    BundleError saying so, not a traceback."""
+    name = _MODULE[backend] + ("" if backend == "onnxruntime" else ".interpreter")
+    if backend == "tflite-runtime":
+        _check_tflite_runtime_numpy()
+    try:
+        return importlib.import_module(name)
+    except Exception as e:  # ImportError, or AttributeError/RuntimeError from a numpy ABI mismatch
+        raise BundleError(f"{backend} is installed but does not import ({_one_line(e)}); "
+                          f"reinstall it: {_PIP[backend]}") from None
+
+
+def _check_tflite_runtime_numpy() -> None:
+    """tflite-runtime (last release 2.14) is compiled against numpy 1.x: under numpy 2 it imports
+    with a warning and then fails inside the interpreter. Say so before that happens."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("tflite-runtime")
+    except metadata.PackageNotFoundError:
+        return
+    major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if major_minor <= (2, 14) and int(np.__version__.split(".")[0]) >= 2:
+        raise BundleError(f"tflite-runtime {version} needs numpy<2 but numpy {np.__version__} is installed: "
+                          'pip install "numpy<2" (or use ai-edge-litert: pip install "edgeslim[device]")')
+
+
+def choose_backend(fmt: str, backend: Optional[str] = None) -> str:
+    """The backend that will run `fmt`: the named one (checked) or the first installed one that
+    imports (a broken install falls through to the next)."""
+    if backend not in (None, "auto"):
+        if backend not in BACKENDS:
+            raise BundleError(f"unknown backend {backend!r}; backends are {', '.join(BACKENDS)}")
+        if _KIND[backend] != format_kind(fmt):
+            raise BundleError(f"backend {backend} cannot run {fmt} models; use one of "
+                              f"{', '.join(backends_for(fmt))}")
+        if not is_installed(backend):
+            raise BundleError(f"backend {backend} is not installed: {_PIP[backend]}")
+        import_backend(backend)
+        return backend
+    broken = None
+    for b in backends_for(fmt):
+        if is_installed(b):
+            try:
+                import_backend(b)
+                return b
+            except BundleError as e:
+                broken = broken or e
+    if broken is not None:
+        raise broken
+    raise BundleError(f"no interpreter for {fmt} models is installed: {install_hint(fmt)}")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+class Session:
+    """What a Model needs from an interpreter."""
+
+    backend: str
+    backend_version: str
+    input_dtype: np.dtype
+    input_shape: Tuple[int, ...]  # the model's input shape; -1 where the batch is dynamic
+    fixed_batch: Optional[int]  # None = any batch in one invoke
+    input_quant: Optional[Tuple[float, int]]  # (scale, zero_point) of an integer input
+    output_quant: Optional[Tuple[float, int]]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _quant(details: dict) -> Optional[Tuple[float, int]]:
+    """(scale, zero_point) of a per-tensor quantised TFLite tensor, None for float tensors."""
+    if np.dtype(details["dtype"]) == np.float32:
+        return None
+    qp = details.get("quantization_parameters") or {}
+    scales, zps = np.asarray(qp.get("scales", [])), np.asarray(qp.get("zero_points", []))
+    if scales.size != 1 or zps.size != 1:
+        scale, zp = details.get("quantization", (0.0, 0))
+        if not scale:
+            raise BundleError("the model's integer input/output has no per-tensor quantisation")
+        return float(scale), int(zp)
+    return float(scales[0]), int(zps[0])
+
+
+def check_tflite_structure(data: bytes) -> None:
+    """Bounds-check the parts of a TFLite flatbuffer the interpreter dereferences first (root
+    table, subgraphs, operator codes, weight buffers). tflite-runtime 2.14 does not verify the
+    flatbuffer and segfaults on a truncated file; this turns that into a BundleError.
+    Raises ValueError with what is out of bounds."""
+    n = len(data)
+
+    def u32(pos: int) -> int:
+        if pos < 0 or pos + 4 > n:
+            raise ValueError(f"offset {pos} is past the end ({n} bytes)")
+        return struct.unpack_from("<I", data, pos)[0]
+
+    def table(pos: int) -> Tuple[int, List[int]]:
+        """(table position, field offsets) of the table at pos."""
+        vtable = pos - struct.unpack_from("<i", data, pos)[0] if 0 <= pos <= n - 4 else -1
+        if vtable < 0 or vtable + 4 > n:
+            raise ValueError(f"table at {pos} has no valid vtable")
+        vsize = struct.unpack_from("<H", data, vtable)[0]
+        if vsize < 4 or vtable + vsize > n:
+            raise ValueError(f"vtable at {vtable} is cut off")
+        return pos, [struct.unpack_from("<H", data, vtable + i)[0] for i in range(4, vsize - 1, 2)]
+
+    def field(tab: Tuple[int, List[int]], i: int) -> Optional[int]:
+        pos, fields = tab
+        return pos + fields[i] if i < len(fields) and fields[i] else None
+
+    def vector(tab: Tuple[int, List[int]], i: int, elem: int) -> List[int]:
+        """Element positions of vector field i (empty if absent), after bounds checks."""
+        at = field(tab, i)
+        if at is None:
+            return []
+        start = at + u32(at)
+        count = u32(start)
+        if start + 4 + count * elem > n:
+            raise ValueError(f"vector at {start} ({count} x {elem} bytes) runs past the end")
+        return [start + 4 + k * elem for k in range(count)]
+
+    def tables(tab: Tuple[int, List[int]], i: int) -> List[Tuple[int, List[int]]]:
+        return [table(p + u32(p)) for p in vector(tab, i, 4)]
+
+    if n < 16 or data[4:8] != b"TFL3":
+        raise ValueError("no TFL3 identifier")
+    model = table(u32(0))
+    tables(model, 1)  # operator codes
+    for sub in tables(model, 2):  # subgraphs: tensors, inputs, outputs, operators
+        tables(sub, 0)
+        vector(sub, 1, 4)
+        vector(sub, 2, 4)
+        tables(sub, 3)
+    for buf in tables(model, 4):  # buffers: inline data, or (offset, size) into the file
+        vector(buf, 0, 1)
+        off_at, size_at = field(buf, 1), field(buf, 2)
+        if off_at is not None and size_at is not None and off_at + 8 <= n and size_at + 8 <= n:
+            offset, size = struct.unpack_from("<Q", data, off_at)[0], struct.unpack_from("<Q", data, size_at)[0]
+            if size and offset + size > n:
+                raise ValueError(f"weight buffer at {offset} (+{size} bytes) is past the end")
+
+
+class TFLiteSession(Session):
+    def __init__(self, backend: str, model_bytes: bytes, threads: int, artifact: Artifact):
+        try:
+            check_tflite_structure(model_bytes)
+        except (ValueError, struct.error) as e:
+            raise BundleError(f"{artifact.path.name} is not a model {backend} can load: truncated or "
+                              f"corrupt TFLite file ({e})") from None
+        module = import_backend(backend)
+        self.backend = backend
+        self.backend_version = str(getattr(importlib.import_module(_MODULE[backend]), "__version__", "?"))
+        try:
+            self._interp = module.Interpreter(model_content=model_bytes, num_threads=threads)
+            self._interp.allocate_tensors()
+        except Exception as e:  # ValueError for a bad model; SystemError etc. from a broken install
+            raise BundleError(f"{artifact.path.name} is not a model {backend} can load: {_one_line(e)}") from None
+        inputs, outputs = self._interp.get_input_details(), self._interp.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BundleError(f"{artifact.path.name} has {len(inputs)} inputs / {len(outputs)} outputs; "
+                              "expected one image input and one logits output")
+        self._in, self._out = inputs[0], outputs[0]
+        self.input_dtype = np.dtype(self._in["dtype"])
+        signature = self._in.get("shape_signature")
+        signature = self._in["shape"] if signature is None or len(signature) == 0 else signature
+        self.input_shape = tuple(int(s) for s in signature)
+        self.fixed_batch = None if self.input_shape[0] == -1 else self.input_shape[0]
+        self._batch = int(self._in["shape"][0])  # the batch the tensors are allocated for now
+        self.input_quant, self.output_quant = _quant(self._in), _quant(self._out)
+        self._lock = threading.Lock()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            try:
+                if x.shape[0] != self._batch:  # only reachable for a dynamic batch (checked by Model)
+                    self._interp.resize_tensor_input(self._in["index"], list(x.shape), strict=True)
+                    self._interp.allocate_tensors()
+                    self._batch = x.shape[0]
+                self._interp.set_tensor(self._in["index"], x)
+                self._interp.invoke()
+                return self._interp.get_tensor(self._out["index"])  # a copy, safe after unlock
+            except (ValueError, RuntimeError) as e:
+                raise InputError(f"{self.backend} could not run the input {x.dtype}{list(x.shape)}: "
+                                 f"{_one_line(e)}") from None
+
+
+_ORT_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(int8)": np.dtype(np.int8),
+               "tensor(uint8)": np.dtype(np.uint8)}
+
+
+class OnnxSession(Session):
+    def __init__(self, model_bytes: bytes, threads: int, artifact: Artifact):
+        ort = import_backend("onnxruntime")
+        self.backend, self.backend_version = "onnxruntime", str(ort.__version__)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: no optimizer chatter on the board's console
+        try:
+            self._sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception classes (Fail, InvalidGraph, ...)
+            raise BundleError(f"{artifact.path.name} is not a model onnxruntime can load: {_one_line(e)}") from None
+        inputs, outputs = self._sess.get_inputs(), self._sess.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise BundleError(f"{artifact.path.name} has {len(inputs)} inputs / {len(outputs)} outputs; "
+                              "expected one image input and one logits output")
+        self._in_name, self._out_name = inputs[0].name, outputs[0].name
+        if inputs[0].type not in _ORT_DTYPES:
+            raise BundleError(f"{artifact.path.name}: input type {inputs[0].type} is not supported")
+        self.input_dtype = _ORT_DTYPES[inputs[0].type]
+        self.input_shape = tuple(s if isinstance(s, int) and s > 0 else -1 for s in inputs[0].shape)
+        self.fixed_batch = None if self.input_shape[0] == -1 else self.input_shape[0]
+        self.input_quant = self.output_quant = None  # ONNX QDQ models take and return float32
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return self._sess.run([self._out_name], {self._in_name: x})[0]
+        except Exception as e:  # onnxruntime's own exception types
+            raise InputError(f"onnxruntime could not run the input {x.dtype}{list(x.shape)}: {_one_line(e)}") from None
+
+
+def open_session(backend: str, model_bytes: bytes, threads: Optional[int], artifact: Artifact) -> Session:
+    n = default_threads() if threads is None else threads
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"threads must be a positive integer, got {threads!r}")
+    if _KIND[backend] == "tflite":
+        return TFLiteSession(backend, model_bytes, n, artifact)
+    return OnnxSession(model_bytes, n, artifact)
+
+
+def default_threads() -> int:
+    """All cores this process may use (the board is usually dedicated to the model)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def describe(backend: str) -> Tuple[bool, Optional[str]]:
+    """(installed, version), from the package metadata: no native code is loaded."""
+    if not is_installed(backend):
+        return False, None
+    from importlib import metadata
+
+    try:
+        return True, metadata.version(backend)
+    except metadata.PackageNotFoundError:  # importable but not pip-installed (e.g. on PYTHONPATH)
+        return True, None

@@ -1,0 +1,122 @@
+"""Budgeted selection: the FLOPs/params target is met (within 0.2 pp here; 1 pp promised)."""
+from __future__ import annotations
+
+import functools
+import re
+
+import pytest
+import torch
+
+from compress.errors import UserError
+from compress.prune import ResourceModel, find_groups
+from compress.prune.budget import achieved, max_reduction, select
+from compress.prune.importance import random_scores
+from tests.test_prune_models import ConcatNet, zoo
+
+
+@functools.cache
+def prepared(name):
+    if name == "concat":
+        model, x = ConcatNet(), torch.randn(1, 3, 8, 8)
+    else:
+        model, x = zoo(name, 1.0), torch.randn(1, 3, 32, 32)
+    groups = find_groups(model, x)
+    return groups, ResourceModel(model, groups, x)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet56", "mobilenetv2", "concat"])
+@pytest.mark.parametrize("metric", ["flops", "params"])
+def test_target_met(name, metric):
+    groups, cost = prepared(name)
+    scores = random_scores(groups, seed=1)
+    targets = [0.3, 0.5, 0.762] + ([0.941] if name != "concat" else [0.6])
+    for target in targets:
+        masks = select(scores, cost, metric, target, min_keep=0.05)
+        reached = achieved(cost, metric, masks)
+        tolerance = 0.002 if name != "concat" else 0.01  # concat net: 1 channel is ~1 % of 5k MACs
+        assert target <= reached <= target + tolerance, (target, reached)
+        for g in groups:
+            assert masks[g.name].dtype == torch.bool and masks[g.name].sum() >= max(1, int(0.05 * g.size))
+
+
+def test_lowest_scores_go_first_within_a_group():
+    groups, cost = prepared("vgg16")
+    scores = {g.name: torch.arange(g.size, dtype=torch.float32) for g in groups}
+    masks = select(scores, cost, "flops", 0.5, 1)
+    for g in groups:
+        kept = torch.nonzero(masks[g.name]).flatten()
+        assert torch.equal(kept, torch.arange(g.size - len(kept), g.size))
+
+
+def test_min_keep_int_and_fraction():
+    groups, cost = prepared("resnet56")
+    scores = random_scores(groups, 2)
+    for min_keep, floor in [(4, lambda s: min(4, s)), (0.25, lambda s: -(-s // 4))]:
+        masks = select(scores, cost, "flops", 0.8, min_keep)
+        assert all(masks[g.name].sum() >= floor(g.size) for g in groups)
+
+
+def test_budgets_are_followed_then_adjusted_to_target():
+    groups, cost = prepared("mobilenetv2")
+    scores = random_scores(groups, 3)
+    base = select(scores, cost, "flops", 0.6, 0.1)
+    budgets = {n: int(m.sum()) for n, m in base.items()}
+    again = select(scores, cost, "flops", 0.6, 0.1, budgets=budgets)
+    assert {n: int(m.sum()) for n, m in again.items()} == budgets  # already on target: untouched
+    shifted = dict(budgets)
+    first, last = groups[1].name, groups[-1].name
+    shifted[first] = min(shifted[first] + 8, groups[1].size)
+    shifted[last] = max(shifted[last] - 64, 1)
+    moved = select(scores, cost, "flops", 0.6, 0.1, budgets=shifted)
+    assert 0.6 <= achieved(cost, "flops", moved) <= 0.602
+    changed = sum(abs(int(moved[n].sum()) - shifted[n]) for n in shifted)
+    assert changed < 0.1 * sum(shifted.values())  # adjusted, not re-chosen
+    assert int(moved[first].sum()) >= budgets[first]
+    # top-scored channels are the ones kept inside each group
+    for g in groups:
+        kept = moved[g.name]
+        if 0 < kept.sum() < g.size:
+            assert scores[g.name][kept].min() >= scores[g.name][~kept].max()
+
+
+def test_too_few_budget_channels_are_added_back():
+    groups, cost = prepared("vgg16")
+    scores = random_scores(groups, 4)
+    budgets = {g.name: 1 for g in groups}
+    masks = select(scores, cost, "params", 0.5, 1, budgets=budgets)
+    assert 0.5 <= achieved(cost, "params", masks) <= 0.502
+
+
+def test_unreachable_target_names_the_limit():
+    groups, cost = prepared("resnet56")
+    limit = max_reduction(cost, "flops", 0.5)
+    assert 0.6 < limit < 0.8
+    with pytest.raises(UserError) as info:
+        select(random_scores(groups, 0), cost, "flops", 0.9, 0.5)
+    assert f"{limit:.1%}" in str(info.value)
+    masks = select(random_scores(groups, 0), cost, "flops", round(limit - 0.005, 3), 0.5)  # just inside: fine
+    assert achieved(cost, "flops", masks) <= limit + 1e-9
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, 1, 1.0, -0.2, 1.5, float("nan"), "0.5", True, None])
+def test_invalid_target(bad):
+    groups, cost = prepared("concat")
+    with pytest.raises(UserError, match=re.escape("strictly between 0 and 1")):
+        select(random_scores(groups, 0), cost, "flops", bad, 1)
+
+
+def test_invalid_metric_and_min_keep():
+    groups, cost = prepared("concat")
+    with pytest.raises(UserError, match="metric"):
+        select(random_scores(groups, 0), cost, "latency", 0.5, 1)
+    for bad in (0, -1, 0.0, 1.5, "2"):
+        with pytest.raises(UserError, match="min_keep"):
+            select(random_scores(groups, 0), cost, "flops", 0.5, bad)
+
+
+def test_identical_inputs_identical_masks():
+    groups, cost = prepared("resnet56")
+    scores = {g.name: torch.zeros(g.size) for g in groups}  # all ties
+    a = select(scores, cost, "flops", 0.5, 0.1)
+    b = select(scores, cost, "flops", 0.5, 0.1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
