@@ -1,0 +1,212 @@
+"""python -m device_bench {run, deploy, remote, report}: argument parsing and dispatch.
+Every bad input ends as one line on stderr and exit status 2; failed work exits 1."""
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .bundle import read_bundle, select_formats
+from .errors import FAILED, BenchError
+from .run import RunConfig, parse_threads
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise BenchError(f"{self.prog}: {message} (see --help)")
+
+
+def _positive(kind, minimum, name):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def _default_threads() -> str:
+    from .device import usable_cores
+
+    return ",".join(str(t) for t in dict.fromkeys([1, usable_cores()]))
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measurement")
+    g.add_argument("--formats", default="all", help="'all' (every format this Python can run) or a comma "
+                   "list: tflite-int8,tflite,onnx-int8,onnx (default: all)")
+    g.add_argument("--threads", default=None, help="comma list of interpreter thread counts (default: 1 and "
+                   "all cores, e.g. 1,4)")
+    when = g.add_mutually_exclusive_group()
+    when.add_argument("--runs", type=_positive(int, 1, "--runs"), default=200, help="timed invokes (default 200)")
+    when.add_argument("--seconds", type=_positive(float, 0.001, "--seconds"), default=None,
+                      help="time each measurement for this long instead of a number of runs")
+    g.add_argument("--warmup", type=_positive(int, 0, "--warmup"), default=20,
+                   help="untimed invokes after the first (default 20)")
+    g.add_argument("--batch", type=_positive(int, 1, "--batch"), default=1,
+                   help="images per invoke (default 1; the exported TFLite models take exactly 1)")
+    g.add_argument("--cooldown", type=_positive(float, 0, "--cooldown"), default=0.0,
+                   help="seconds to idle between measurements, for boards that throttle when hot")
+
+
+def _add_ssh_options(p: argparse.ArgumentParser, fleet_out: str) -> None:
+    g = p.add_argument_group("board")
+    who = g.add_mutually_exclusive_group(required=True)
+    who.add_argument("--host", help="[user@]host[:port] of the board, e.g. pi@raspberrypi.local")
+    who.add_argument("--hosts", metavar="FILE", help=f"a file with one [user@]host[:port] per line: run "
+                     f"every board in parallel{fleet_out}")
+    g.add_argument("--port", type=_positive(int, 1, "--port"), default=22, help="ssh port (default 22)")
+    g.add_argument("--identity", "-i", metavar="KEY", help="ssh private key file")
+    g.add_argument("--known-hosts", metavar="FILE", help="known_hosts file to check the board's key against "
+                   "(default: ssh's own)")
+    g.add_argument("--accept-new-host-key", action="store_true",
+                   help="trust a board seen for the first time (StrictHostKeyChecking=accept-new); a "
+                   "CHANGED key is always refused")
+    g.add_argument("--python", default="python3", help="the board's Python (default python3; e.g. "
+                   "~/edgeslim-venv/bin/python)")
+    g.add_argument("--remote-dir", default="edgeslim", help="folder on the board, from $HOME unless "
+                   "absolute (default edgeslim)")
+    g.add_argument("--keep", type=_positive(int, 1, "--keep"), default=3,
+                   help="releases to keep on the board (default 3)")
+    g.add_argument("--connect-timeout", type=_positive(int, 1, "--connect-timeout"), default=10,
+                   help="seconds to wait for a board to answer (default 10)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m device_bench", description="Measure a bundle's latency and memory on a "
+                "device, locally or over SSH, and summarise the reports.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="benchmark a bundle on this machine")
+    r.add_argument("bundle", help="bundle folder (dist/NAME)")
+    _add_run_options(r)
+    r.add_argument("--out", help="report JSON (default reports/<bundle>-<hostname>.json)")
+
+    d = sub.add_parser("deploy", help="copy a bundle and the code to a board, verify, switch `current`")
+    d.add_argument("bundle")
+    _add_ssh_options(d, "")
+
+    m = sub.add_parser("remote", help="deploy, benchmark on the board, fetch the report")
+    m.add_argument("bundle")
+    _add_ssh_options(m, " (--out is then a folder)")
+    _add_run_options(m)
+    m.add_argument("--out", help="report JSON for --host (default reports/<bundle>-<host>.json); folder "
+                   "for --hosts (default reports/fleet)")
+
+    s = sub.add_parser("report", help="summarise reports: Markdown table + PNG plots")
+    s.add_argument("reports", nargs="+", help="report JSON files, or folders of them")
+    s.add_argument("--out", default="reports/summary", help="output folder (default reports/summary)")
+    return p
+
+
+def _run_config(args) -> RunConfig:
+    return RunConfig(formats=args.formats, threads=parse_threads(args.threads or _default_threads()),
+                     runs=args.runs, seconds=args.seconds, warmup=args.warmup, batch=args.batch,
+                     cooldown=args.cooldown)
+
+
+def _remote_run_args(cfg: RunConfig) -> List[str]:
+    args = ["--formats", cfg.formats, "--threads", ",".join(map(str, cfg.threads)), "--warmup", str(cfg.warmup),
+            "--batch", str(cfg.batch), "--cooldown", str(cfg.cooldown)]
+    return args + (["--seconds", str(cfg.seconds)] if cfg.seconds is not None else ["--runs", str(cfg.runs)])
+
+
+def _report_path(out: Optional[str], default: str) -> Path:
+    path = Path(out or default)
+    if path.is_dir():
+        raise BenchError(f"--out {path} is a folder; give the report's file name, e.g. {path / 'report.json'}")
+    if path.suffix != ".json":
+        raise BenchError(f"--out {path}: a report is a .json file")
+    return path
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def cmd_run(args) -> int:
+    from .run import run_bench
+
+    bundle = read_bundle(args.bundle)
+    cfg = _run_config(args)
+    out = _report_path(args.out, f"reports/{bundle.name}-{socket.gethostname()}.json")
+    report = run_bench(bundle, cfg, out)
+    failed = [r for r in report["results"] if r["status"] == "error"]
+    print(f"report: {out}" + (f" ({len(failed)} of {len(report['results'])} measurements failed)" if failed else ""))
+    return FAILED if failed else 0
+
+
+def _boards(args):
+    from .deploy import BoardConfig
+    from .ssh import SshOptions, parse_target, read_hosts_file
+
+    targets = read_hosts_file(args.hosts, args.port) if args.hosts else [parse_target(args.host, args.port)]
+    opts = SshOptions(identity=args.identity, known_hosts=args.known_hosts,
+                      accept_new_host_key=args.accept_new_host_key, connect_timeout=args.connect_timeout).checked()
+    cfg = BoardConfig(python=args.python, remote_dir=args.remote_dir, keep=args.keep).checked()
+    return targets, opts, cfg
+
+
+def cmd_deploy(args) -> int:
+    from .deploy import build_release, deploy, run_fleet
+
+    bundle = read_bundle(args.bundle)
+    targets, opts, cfg = _boards(args)
+    release = build_release(bundle)
+    if args.host:
+        deploy(bundle, targets[0], opts, cfg, _log, release)
+        print(f"deployed {release.name} to {targets[0].label} ({cfg.remote_dir}/current)")
+        return 0
+    return run_fleet(targets, lambda t, log: {"release": deploy(bundle, t, opts, cfg, log, release)["release"]},
+                     None)
+
+
+def cmd_remote(args) -> int:
+    from .deploy import build_release, remote_run, run_fleet
+
+    bundle = read_bundle(args.bundle)
+    cfg_run = _run_config(args)
+    select_formats(bundle, cfg_run.formats)  # a bad format fails here, before any board is touched
+    targets, opts, cfg = _boards(args)
+    run_args = _remote_run_args(cfg_run)
+    release = build_release(bundle)
+    if args.host:
+        out = _report_path(args.out, f"reports/{bundle.name}-{targets[0].slug}.json")
+        remote_run(bundle, targets[0], opts, cfg, run_args, out, _log, release)
+        print(f"report: {out}")
+        return 0
+    out_dir = Path(args.out or "reports/fleet")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BenchError(f"--out {out_dir} is a file; with --hosts it must be a folder")
+    return run_fleet(targets, lambda t, log: remote_run(bundle, t, opts, cfg, run_args,
+                                                        out_dir / f"{t.slug}.json", log, release), out_dir)
+
+
+def cmd_report(args) -> int:
+    from .report import summarize
+
+    out = summarize(args.reports, Path(args.out))
+    print(f"summary: {out / 'README.md'}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    commands = {"run": cmd_run, "deploy": cmd_deploy, "remote": cmd_remote, "report": cmd_report}
+    try:
+        args = build_parser().parse_args(argv)
+        return commands[args.command](args)
+    except BenchError as e:
+        print(f"device_bench: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("device_bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
