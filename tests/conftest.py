@@ -39,3 +39,26 @@ def small_cifar_dir(tmp_path_factory, cifar_npz) -> Path:
         np.savez(d / "cifar10.npz", x_train=z["x_train"][:2000], y_train=z["y_train"][:2000],
                  x_test=z["x_test"][:500], y_test=z["y_test"][:500], classes=z["classes"])
     return d
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, small_cifar_dir) -> Path:
+    """A run folder (docs/formats.md §1: model.pt2, report.json, calib.npz, test.npz) holding a small
+    CNN with pruned-looking widths (13/21/29 channels) trained for a few seconds on real CIFAR-10."""
+    from tests.run_fixture import write_trained_run
+
+    return write_trained_run(tmp_path_factory.mktemp("runs") / "tiny-slim", small_cifar_dir / "cifar10.npz")
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory, trained_run, python_exe) -> Path:
+    """`python -m export trained_run --out <tmp>/dist/tiny-slim` (all four formats), run as the user would.
+    The bundle (docs/formats.md §2) is the folder returned; <tmp>/dist/tiny-slim.tar.gz is next to it."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("dist") / "tiny-slim"
+    proc = subprocess.run([python_exe, "-m", "export", str(trained_run), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"python -m export failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return out

@@ -1,0 +1,377 @@
+"""Pruning methods side by side on CIFAR-10, at the same epoch budget, at FLOPs reductions 0.5/0.76/0.9.
+
+    python benchmarks/methods.py --preset cpu                     # VGG-16 x 3 targets + ResNet-56 x 0.5
+    python benchmarks/methods.py --preset smoke --methods seed,random --targets 0.5
+    python benchmarks/methods.py --preset cpu --dry-run           # what is done, what is left, the commands
+    python benchmarks/methods.py --preset cpu --report-only       # aggregate what exists
+
+Every configuration (model, method, target) is one compress run folder in RESULTS/runs/NAME; the
+dense reference of each model is a `--method none` run with the same budget. A configuration whose
+folder holds report.json is skipped, a half-done one (NAME.partial/checkpoint.pt) is continued
+with `--resume`: rerun the same command in the next session and it picks up where it stopped.
+`random` and `scratch` take the per-layer widths of the seed run at the same target
+(`--widths-from`), so they run after it. `torch-pruning` is benchmarks/torch_pruning_peer.py.
+
+Writes RESULTS/methods.json, methods.md and methods.png (top-1 vs achieved FLOPs reduction, one line
+per method, the dense reference as a horizontal line); each run's output is in RESULTS/logs/NAME.log.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    PYTHON,
+    RESULTS,
+    BenchError,
+    Parser,
+    lock_folder,
+    meta,
+    meta_markdown,
+    pyplot,
+    read_json,
+    run_logged,
+    save_figure,
+    tail,
+    write_json,
+    write_text,
+)
+
+METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "torch-pruning")
+NEEDS_SEED_WIDTHS = ("random", "scratch")
+PEER = Path(__file__).resolve().parent / "torch_pruning_peer.py"
+
+
+@dataclass(frozen=True)
+class Preset:
+    compress_preset: str              # the compress preset the runs start from (optimizer, schedule, bf16)
+    flags: tuple                      # compress flags added to every run; the same for every method
+    targets: dict                     # model -> FLOPs reductions
+    about: str
+
+
+PRESETS = {
+    # Minutes: a 1/8-width VGG-16 on 256 images, 2 epochs. Proves the plumbing, says nothing about accuracy.
+    "smoke": Preset("smoke", ("--width", "0.125", "--train-subset", "256", "--test-subset", "128", "--calib", "32"),
+                    {"vgg16": (0.5, 0.76)}, "tiny: 1/8-width VGG-16, 256 train / 128 test images, 2 epochs, fp32"),
+    # Hours on a 2-core CPU: the whole CIFAR-10 training set, 4 epochs of one-cycle (compress's cpu
+    # preset otherwise: batch 256, lr 0.1, Nesterov, wd 5e-4, bf16). Test-set evaluation only at the
+    # end of each run (a full-test-set evaluation of VGG-16 costs ~15-30 s here; 30 runs x 4 epochs
+    # would add ~45 min). Cost: ~22 dense-VGG-16-epoch equivalents per budget epoch over the 30 runs
+    # (one-shot methods train dense half the time, seed ~80 %, slim nets 1.5-4x faster); at
+    # ~300 img/s, 167 s per dense epoch: ~65 min per budget epoch, ~4.5-5 h for 4 epochs incl.
+    # evaluation and export of the run folders, on an otherwise idle host.
+    "cpu": Preset("cpu", ("--epochs", "4", "--eval-every", "4"),
+                  {"vgg16": (0.5, 0.76, 0.9), "resnet56": (0.5,)},
+                  "full CIFAR-10 train/test, 4 epochs one-cycle, batch 256, lr 0.1, bf16 (~4.5-5 h on 2 idle cores)"),
+    # The literature's GPU schedule (not meant for this host): 200 epochs, batch 64, lr 0.1 / 10 at 50 %
+    # and 75 %, wd 1e-4, fp32 — compress's paper preset, unchanged.
+    "paper": Preset("paper", (), {"vgg16": (0.5, 0.76, 0.9), "resnet56": (0.5,)},
+                    "the paper's GPU schedule: 200 epochs, batch 64, step lr 0.1, wd 1e-4, fp32"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    method: str                        # one of METHODS or "none" (the dense reference)
+    target: Optional[float]            # FLOPs reduction; None for the dense reference
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.method}" + ("" if self.target is None else f"-f{round(self.target * 100):02d}")
+
+
+def plan(models: list[str], methods: list[str], targets: dict) -> list[Config]:
+    """Every configuration, in the order it must run: dense reference, then per target seed first."""
+    configs = []
+    for model in models:
+        configs.append(Config(model, "none", None))
+        for t in targets[model]:
+            needs_seed = [m for m in methods if m in NEEDS_SEED_WIDTHS]
+            order = (["seed"] if methods and ("seed" in methods or needs_seed) else []) + \
+                [m for m in methods if m != "seed" and m not in NEEDS_SEED_WIDTHS] + needs_seed
+            configs += [Config(model, m, t) for m in order]
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------
+# running one configuration
+
+
+@dataclass
+class Layout:
+    root: Path
+
+    def run(self, config: Config) -> Path:
+        return self.root / "runs" / config.name
+
+    def log(self, config: Config) -> Path:
+        return self.root / "logs" / f"{config.name}.log"
+
+    @property
+    def walls(self) -> Path:
+        return self.root / "wall_times.json"
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / "report.json").is_file()
+
+
+def command(config: Config, preset_name: str, layout: Layout, data_dir: Optional[str],
+            extra: tuple) -> list[str]:
+    preset = PRESETS[preset_name]
+    out = layout.run(config)
+    if config.method == "torch-pruning":
+        cmd = [PYTHON, str(PEER)]
+    else:
+        cmd = [PYTHON, "-m", "compress", "--method", config.method]
+    cmd += ["--preset", preset.compress_preset, "--model", config.model, "--out", str(out), "--no-progress"]
+    if config.method in NEEDS_SEED_WIDTHS:
+        cmd += ["--widths-from", str(layout.run(Config(config.model, "seed", config.target)))]
+    elif config.target is not None:
+        cmd += ["--target", f"flops={config.target:g}"]
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    cmd += [*preset.flags, *extra]
+    partial = out.with_name(out.name + ".partial")
+    if (partial / "checkpoint.pt").is_file():
+        cmd.append("--resume")
+    elif partial.exists():
+        cmd.append("--force")   # died before its first checkpoint: nothing to keep
+    return cmd
+
+
+def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Optional[str], extra: tuple,
+            dry_run: bool) -> dict[str, str]:
+    """Run what is not done yet; returns {name: "done" | "ran" | "failed: ..." | "blocked: ..."}."""
+    from tqdm import tqdm
+
+    status: dict[str, str] = {}
+    walls = read_json(layout.walls) if layout.walls.is_file() else {}
+    todo = [c for c in configs if not is_done(layout.run(c))]
+    for c in configs:
+        if c not in todo:
+            status[c.name] = "done"
+    # The lock is inherited by every run started, so an orphaned run still blocks the next session.
+    lock = None if dry_run or not todo else lock_folder(layout.root)
+    bar = tqdm(todo, desc="methods", unit="run", disable=dry_run or not todo, dynamic_ncols=True)
+    for c in bar:
+        bar.set_postfix_str(c.name)
+        seed = Config(c.model, "seed", c.target)
+        if c.method in NEEDS_SEED_WIDTHS and not is_done(layout.run(seed)) and status.get(seed.name) != "pending":
+            status[c.name] = "blocked: the seed run at this target did not finish"
+            continue
+        cmd = command(c, preset, layout, data_dir, extra)
+        if dry_run:   # a dry run pretends each command succeeds, so what depends on it is listed too
+            print(shlex.join(cmd))
+            status[c.name] = "pending"
+            continue
+        rc, seconds = run_logged(cmd, layout.log(c), pass_fds=(lock,))
+        walls[c.name] = round(walls.get(c.name, 0.0) + seconds, 2)   # summed over sessions
+        write_json(layout.walls, walls)
+        if rc == 0 and is_done(layout.run(c)):
+            status[c.name] = "ran"
+        else:
+            last = tail(layout.log(c), 1)
+            status[c.name] = f"failed (exit {rc}): {last}"
+            tqdm.write(f"{c.name}: failed (exit {rc}), see {layout.log(c)}\n{tail(layout.log(c), 5)}")
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregating
+
+
+def collect(configs: list[Config], layout: Layout, status: dict[str, str]) -> list[dict]:
+    walls = read_json(layout.walls) if layout.walls.is_file() else {}
+    rows = []
+    for c in configs:
+        row = {"name": c.name, "model": c.model, "method": c.method, "target": c.target,
+               "status": status.get(c.name, "pending"), "run": str(layout.run(c))}
+        folder = layout.run(c)
+        if is_done(folder):
+            r = read_json(folder / "report.json")
+            row.update(status="done", top1=r["slim"]["top1"], dense_top1_at_prune=r["dense"]["top1"],
+                       flops=r["slim"]["flops"], params=r["slim"]["params"],
+                       flops_reduction=r["achieved"]["flops_reduction"],
+                       params_reduction=r["achieved"]["params_reduction"],
+                       epochs=r["epochs"], train_seconds=r["seconds"],
+                       wall_seconds=walls.get(c.name, r.get("wall_seconds")))
+        rows.append(row)
+    return rows
+
+
+def dense_reference(rows: list[dict], model: str) -> Optional[float]:
+    return next((r["top1"] for r in rows if r["model"] == model and r["method"] == "none" and "top1" in r), None)
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = [f"# Pruning methods side by side: preset `{result['preset']}`", "",
+             *meta_markdown(result["meta"]), f"- preset: {result['about']}",
+             f"- compress flags for every run: `--preset {result['compress_preset']} "
+             f"{' '.join(result['flags'])}`", "",
+             "Top-1 is measured in fp32 on the compact network after the whole budget; FLOPs are "
+             "multiply-accumulates of conv/linear layers (compress.flops). `random` and `scratch` use the "
+             "seed run's per-layer widths. Wall time is summed over sessions.", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        dense = dense_reference(rows, model)
+        lines += [f"## {model}" + (f" (dense reference top-1 {dense:.4f})" if dense is not None else ""), "",
+                  "| target | method | top-1 | vs dense | FLOPs red. | params red. | train min | wall min | status |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in (r for r in rows if r["model"] == model):
+            target = "dense" if r["target"] is None else f"{r['target']:.2f}"
+            if "top1" in r:
+                delta = "" if dense is None or r["method"] == "none" else f"{r['top1'] - dense:+.4f}"
+                wall = "" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.2f}"
+                lines.append(f"| {target} | {r['method']} | {r['top1']:.4f} | {delta} | {r['flops_reduction']:.3f} "
+                             f"| {r['params_reduction']:.3f} | {r['train_seconds'] / 60:.2f} | {wall} | done |")
+            else:
+                lines.append(f"| {target} | {r['method']} | | | | | | | {r['status'].replace('|', '/')} |")
+        lines.append("")
+    lines += ["![top-1 vs FLOPs reduction](methods.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    plt = pyplot()
+    rows = [r for r in result["rows"] if "top1" in r]
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+    for ax, model in zip(axes[0], models):
+        for method in METHODS:
+            pts = sorted((r["flops_reduction"], r["top1"]) for r in rows if r["model"] == model and r["method"] == method)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[method], label=method)
+        dense = dense_reference(rows, model)
+        if dense is not None:
+            ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense (same budget)")
+        ax.set_title(model)
+        ax.set_xlabel("achieved FLOPs reduction")
+        ax.set_ylabel("top-1 (CIFAR-10 test)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"methods at the same epoch budget (preset {result['preset']})", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write_outputs(result: dict, root: Path) -> None:
+    write_json(root / "methods.json", result)
+    write_text(root / "methods.md", markdown(result))
+    plot(result, root / "methods.png")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_list(text: str, what: str, allowed: Optional[tuple] = None) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise BenchError(f"--{what}: empty list")
+    bad = [t for t in items if allowed is not None and t not in allowed]
+    if bad:
+        raise BenchError(f"--{what}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def parse_targets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in parse_list(text, "targets"))
+    except ValueError:
+        raise BenchError(f"--targets {text!r}: expected comma-separated FLOPs reductions like 0.5,0.76,0.9") from None
+    if not all(0 < v < 1 for v in values):
+        raise BenchError(f"--targets {text!r}: every reduction must be strictly between 0 and 1")
+    return values
+
+
+def default_data_dir() -> Optional[str]:
+    env = os.environ.get("EDGESLIM_DATA")
+    if env:
+        return env
+    return str(DEFAULT_DATA_DIR) if (DEFAULT_DATA_DIR / "cifar10.npz").is_file() else None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python benchmarks/methods.py", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="presets:\n" + "\n".join(f"  {k:6s} {v.about}" for k, v in PRESETS.items()))
+    p.add_argument("--preset", default="smoke", help=f"one of {', '.join(PRESETS)} (default smoke)")
+    p.add_argument("--models", help="comma list of compress zoo models (default: the preset's, vgg16,resnet56)")
+    p.add_argument("--targets", help="comma list of FLOPs reductions for every model (default: the preset's, "
+                                     "0.5,0.76,0.9 for vgg16 and 0.5 for resnet56)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)} (default all)")
+    p.add_argument("--results", help="results folder (default benchmarks/results/methods-PRESET)")
+    p.add_argument("--data-dir", default=default_data_dir(), help="folder with cifar10.npz (default "
+                   "$EDGESLIM_DATA or /work/shared/data; otherwise compress downloads CIFAR-10)")
+    p.add_argument("--compress-arg", action="append", default=[], metavar="FLAG",
+                   help="extra flag for every run, e.g. --compress-arg=--workers=2 (repeatable; same for all methods)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands still to run; run nothing")
+    p.add_argument("--report-only", action="store_true", help="aggregate the finished runs; run nothing")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = make_parser().parse_args(argv)
+        if args.preset not in PRESETS:
+            raise BenchError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[args.preset]
+        methods = parse_list(args.methods, "methods", METHODS)
+        models = parse_list(args.models, "models") if args.models else list(preset.targets)
+        if args.targets:
+            targets = {m: parse_targets(args.targets) for m in models}
+        else:
+            missing = [m for m in models if m not in preset.targets]
+            if missing:
+                raise BenchError(f"preset {args.preset} has no targets for {', '.join(missing)}: give --targets")
+            targets = {m: preset.targets[m] for m in models}
+        if args.data_dir and not Path(args.data_dir).is_dir():
+            raise BenchError(f"--data-dir {args.data_dir}: not a folder")
+        root = Path(args.results) if args.results else RESULTS / f"methods-{args.preset}"
+        if root.exists() and not root.is_dir():
+            raise BenchError(f"--results {root}: exists and is not a folder")
+        data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+        layout = Layout(root.resolve())
+        configs = plan(models, methods, targets)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    info = meta(argv)
+    try:
+        status = {} if args.report_only else run_all(configs, args.preset, layout, data_dir,
+                                                     tuple(args.compress_arg), args.dry_run)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return 0
+    previous = read_json(root / "methods.json") if (root / "methods.json").is_file() else {}
+    info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result = {"benchmark": "methods", "preset": args.preset, "about": preset.about,
+              "compress_preset": preset.compress_preset, "flags": list(preset.flags) + list(args.compress_arg),
+              "models": models, "methods": methods, "targets": targets, "meta": info,
+              "sessions": previous.get("sessions", []) + [info], "rows": collect(configs, layout, status)}
+    write_outputs(result, root)
+    done = sum("top1" in r for r in result["rows"])
+    failed = [r["name"] for r in result["rows"] if r["status"].startswith(("failed", "blocked"))]
+    print(f"{done}/{len(configs)} configurations done; wrote {root}/methods.md"
+          + (f"; not done: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

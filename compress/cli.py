@@ -1,0 +1,457 @@
+"""`python -m compress`: train and prune a network to a FLOPs/params target, write a run folder.
+
+    python -m compress --model vgg16 --dataset cifar10 --target flops=0.76 --method seed --out runs/vgg16-f76
+    python -m compress --model resnet56 --target params=0.5 --preset cpu --out runs/r56-p50
+    python -m compress --method none --model vgg16 --out runs/vgg16-dense
+    python -m compress --out runs/vgg16-f76 --resume           # continue a killed run
+    python -m compress info --model vgg16                       # FLOPs / params as JSON
+
+The run is built in `OUT.partial/` (checkpoint.pt and train_log.csv are updated there after every
+epoch; `--resume` continues from it). Only when everything is written is it renamed to `OUT`; with
+`--force` an existing run in `OUT` is replaced at that moment, not before.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Optional
+
+from compress.errors import UserError
+from compress.presets import DEFAULT_PRESET, PRESETS
+
+METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "none")
+SCHEDULES = ("onecycle", "cosine", "step")
+# Options that may change when resuming: they do not change the result.
+RESUME_MAY_CHANGE = {"device", "workers", "progress", "data_dir"}
+
+
+@dataclass
+class RunConfig:
+    """Every option a run used; stored in the checkpoint and in report.json."""
+    out: str = ""
+    name: str = ""
+    model: str = "vgg16"
+    width: float = 1.0
+    num_classes: Optional[int] = None        # None: the dataset's
+    dataset: str = "cifar10"
+    data_dir: Optional[str] = None
+    target: Optional[str] = None             # "flops=0.76" | "params=0.5" | None (method none)
+    method: str = "seed"
+    preset: str = DEFAULT_PRESET
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    bf16: bool = False
+    channels_last: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    calib: int = 1024
+    eval_every: int = 1
+    ignore: tuple = ()
+    init: Optional[str] = None
+    widths_from: Optional[str] = None
+    finetune_fraction: float = 0.5           # l1/slimming/taylor/random: share of the budget spent fine-tuning
+    finetune_epochs: int = 0                 # seed: epochs of plain fine-tuning after extraction
+    prune_warmup: float = 0.05               # seed: share of the budget trained dense before pruning
+    prune_end: float = 0.75                  # seed: share of the budget after which the masks are final
+    slimming_lambda: float = 1e-4
+    taylor_batches: int = 64
+    min_keep: float = 0.1                    # every group keeps at least this share (and >= 1 channel)
+    workers: int = 0                         # torch threads; 0 = torch's default
+    progress: bool = True
+
+    @property
+    def target_metric(self) -> Optional[str]:
+        return None if self.target is None else self.target.split("=")[0]
+
+    @property
+    def target_reduction(self) -> Optional[float]:
+        return None if self.target is None else float(self.target.split("=")[1])
+
+
+def _parse_target(text: str) -> Optional[str]:
+    if text.strip().lower() == "none":
+        return None
+    metric, sep, value = text.partition("=")
+    metric = metric.strip().lower()
+    if not sep or metric not in ("flops", "params"):
+        raise UserError(f"--target {text!r}: expected flops=R or params=R (R the reduction, 0 < R < 1)")
+    try:
+        r = float(value)
+    except ValueError:
+        raise UserError(f"--target {text!r}: {value!r} is not a number") from None
+    if not 0.0 < r < 1.0:
+        raise UserError(f"--target {text!r}: the reduction must be strictly between 0 and 1 "
+                        f"(0.76 removes 76 % of the {metric})")
+    return f"{metric}={r:g}"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def _bool_flag(p, name: str, help: str):
+    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
+                   default=None, help=help)
+
+
+def preset_summary(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    # Every default is None: an option left out takes the preset's value, then RunConfig's.
+    p = _Parser(prog="python -m compress", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="presets:\n" + "\n".join(f"  {name:6s} {preset_summary(v)}" for name, v in PRESETS.items())
+                + "\n\nmethods: see compress/methods.py. `python -m compress info --help`: the FLOPs/params counter.")
+    a = p.add_argument
+    a("--out", help="run folder to write (required)")
+    a("--name", help="run name in report.json (default: the folder's name)")
+    a("--model", help="zoo name (vgg11/13/16/19, resnet20/32/56, mobilenetv2) or package.module:factory "
+                      "or path/to/file.py:factory (default vgg16)")
+    a("--width", type=float, help="channel width multiplier of the dense model (default 1.0)")
+    a("--num-classes", type=int, help="classifier outputs (default: the dataset's)")
+    a("--dataset", help="cifar10 (default), folder (an image folder given as --data-dir ROOT), or the path "
+                        "of an image folder ROOT/train/<class>/*.png|jpg [+ ROOT/test/...]")
+    a("--data-dir", help="where the dataset lives / is downloaded to")
+    a("--target", help="flops=R or params=R: the reduction to reach, 0<R<1 (not for --method none)")
+    a("--method", choices=None, help=f"one of {', '.join(METHODS)} (default seed)")
+    a("--preset", help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET}); explicit flags override it")
+    a("--epochs", type=int, help="total epoch budget, all phases included")
+    a("--batch-size", type=int, help="global batch size")
+    a("--lr", type=float, help="peak learning rate")
+    a("--momentum", type=float, help="SGD momentum (default 0.9)")
+    _bool_flag(p, "nesterov", "Nesterov momentum")
+    a("--weight-decay", type=float, help="L2 on conv/linear weights")
+    a("--schedule", help=f"learning-rate schedule per phase: {', '.join(SCHEDULES)}")
+    a("--warmup-epochs", type=float, help="linear warm-up for cosine/step")
+    a("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0)")
+    _bool_flag(p, "bf16", "bfloat16 autocast (fast on CPUs with AVX-512 bf16 and on recent GPUs)")
+    _bool_flag(p, "channels-last", "channels_last memory format (default on)")
+    a("--seed", type=int, help="random seed (default 0)")
+    a("--device", help="cpu | cuda | cuda:N (default cpu)")
+    a("--train-subset", type=int, help="train on this many images (seeded draw); default all")
+    a("--test-subset", type=int, help="evaluate on this many test images (seeded draw); default all")
+    a("--calib", type=int, help="training images saved to calib.npz for int8 calibration (default 1024)")
+    a("--eval-every", type=int, help="evaluate on the test set every k epochs (and at the end)")
+    a("--ignore", help="NAME[,NAME]: modules whose output channels are never pruned")
+    a("--init", help="start from these dense weights (.safetensors only)")
+    a("--widths-from", help="runs/SEEDRUN: per-layer widths for --method random / scratch")
+    a("--finetune-fraction", type=float, help="l1/slimming/taylor/random: share of the epochs spent "
+                                              "fine-tuning after pruning (default 0.5)")
+    a("--finetune-epochs", type=int, help="seed: epochs of fine-tuning after extraction (default 0)")
+    a("--prune-warmup", type=float, help="seed: share of the epochs trained dense first (default 0.05)")
+    a("--prune-end", type=float, help="seed: share of the epochs after which masks are final (default 0.75)")
+    a("--slimming-lambda", type=float, help="slimming: L1 strength on BN scales (default 1e-4)")
+    a("--taylor-batches", type=int, help="taylor: batches to accumulate the criterion over (default 64)")
+    a("--min-keep", type=float, help="every group keeps at least this share of its channels (default 0.1)")
+    a("--workers", type=int, help="CPU threads for torch (default: torch's choice)")
+    _bool_flag(p, "progress", "progress bars (default on)")
+    a("--resume", action="store_true", help="continue the interrupted run in OUT.partial")
+    a("--force", action="store_true", help="replace the run in OUT (only once the new one is complete)")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> RunConfig:
+    """Explicit flags over the preset over RunConfig's defaults; validated."""
+    preset = args.preset or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], "preset": preset}
+    for f in fields(RunConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    if isinstance(values.get("ignore"), str):
+        values["ignore"] = tuple(n.strip() for n in values["ignore"].split(",") if n.strip())
+    if values.get("widths_from") and values.get("method") in ("random", "scratch") and args.model is None:
+        # The widths belong to a model: take it from the run they come from.
+        import json
+        try:
+            arch = json.loads((Path(values["widths_from"]) / "arch.json").read_text())
+            values["model"], values["width"] = arch["model"], float(arch["width"])
+            values.setdefault("num_classes", int(arch["num_classes"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # validate() names the problem
+    if values.get("target") is not None:
+        values["target"] = _parse_target(values["target"])
+    cfg = RunConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    if not cfg.out:
+        raise UserError("--out is required: the run folder to write")
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if cfg.method == "none" and cfg.target is not None:
+        raise UserError("--method none trains the dense reference: give no --target (or --target none)")
+    if cfg.method in ("random", "scratch"):
+        if not cfg.widths_from:
+            raise UserError(f"--method {cfg.method} needs --widths-from runs/SEEDRUN (the widths to use)")
+        if cfg.target is not None:
+            raise UserError(f"--method {cfg.method} takes its widths, and so its target, from --widths-from: "
+                            f"drop --target")
+    elif cfg.method != "none" and cfg.target is None:
+        raise UserError(f"--method {cfg.method} needs --target flops=R or params=R")
+    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "calib": cfg.calib,
+                "eval_every": cfg.eval_every, "taylor_batches": cfg.taylor_batches}
+    for name, v in positive.items():
+        if v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    for name in ("train_subset", "test_subset"):
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if not cfg.lr > 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.weight_decay < 0 or cfg.momentum < 0 or cfg.warmup_epochs < 0 or cfg.slimming_lambda < 0:
+        raise UserError("--weight-decay, --momentum, --warmup-epochs and --slimming-lambda must be >= 0")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if not 0 < cfg.finetune_fraction < 1:
+        raise UserError(f"--finetune-fraction must be strictly between 0 and 1, got {cfg.finetune_fraction}")
+    if not 0 <= cfg.finetune_epochs < cfg.epochs:
+        raise UserError(f"--finetune-epochs must be in [0, --epochs), got {cfg.finetune_epochs}")
+    if not 0 <= cfg.prune_warmup < cfg.prune_end <= 1:
+        raise UserError(f"need 0 <= --prune-warmup < --prune-end <= 1, got {cfg.prune_warmup}, {cfg.prune_end}")
+    if not 0 < cfg.min_keep < 1:
+        raise UserError(f"--min-keep must be strictly between 0 and 1, got {cfg.min_keep}")
+    if cfg.init is not None:
+        if not cfg.init.endswith(".safetensors"):
+            raise UserError(f"--init {cfg.init!r}: only .safetensors weights are accepted (no pickle)")
+        if not Path(cfg.init).is_file():
+            raise UserError(f"--init {cfg.init!r}: file not found")
+    if cfg.widths_from is not None and not (Path(cfg.widths_from) / "arch.json").is_file():
+        raise UserError(f"--widths-from {cfg.widths_from!r}: no arch.json there (give a finished run folder)")
+    if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise UserError(f"--device {cfg.device!r}: expected cpu, cuda or cuda:N")
+    if cfg.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device}: no CUDA device is available here")
+
+
+# ---------------------------------------------------------------------------------------------
+# the run folder: built in OUT.partial, renamed to OUT when complete
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def holds_run(folder: Path) -> bool:
+    return (folder / "report.json").exists() or (folder / "checkpoint.pt").exists()
+
+
+def prepare_folders(out: Path, *, resume: bool, force: bool) -> Path:
+    """Check OUT and OUT.partial against --resume/--force; returns the working folder."""
+    work = partial_dir(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if resume:
+        if not (work / "checkpoint.pt").is_file():
+            where = f"{out} is a finished run" if holds_run(out) else f"no {work}/checkpoint.pt"
+            raise UserError(f"--resume: nothing to resume ({where})")
+        return work
+    if out.is_dir() and any(out.iterdir()):
+        if not holds_run(out):
+            raise UserError(f"--out {out}: folder is not empty and holds no run; refusing to touch it")
+        if not force:
+            raise UserError(f"--out {out} already holds a run; --force replaces it (the old run stays "
+                            f"until the new one is complete)")
+    if work.exists():
+        if not force:
+            raise UserError(f"{work} holds an interrupted run: --resume continues it, --force starts over")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
+
+
+def publish(work: Path, out: Path) -> None:
+    """Swap the finished work folder in as OUT; an old run there is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(work, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def stored_config(work: Path) -> dict:
+    import torch
+    try:
+        state = torch.load(work / "checkpoint.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"--resume: {work}/checkpoint.pt is unreadable ({type(exc).__name__})") from exc
+    config = state.get("extra", {}).get("config")
+    if not isinstance(config, dict):
+        raise UserError(f"--resume: {work}/checkpoint.pt holds no run configuration")
+    return config
+
+
+def config_for_resume(args: argparse.Namespace, stored: dict) -> RunConfig:
+    """The stored run's config; flags given now must agree with it (except device/threads/progress)."""
+    values = dict(stored)
+    values["ignore"] = tuple(values.get("ignore") or ())
+    for f in fields(RunConfig):
+        given = getattr(args, f.name, None)
+        if given is None or f.name == "out":
+            continue
+        if f.name == "target":
+            given = _parse_target(given)
+        if f.name == "ignore":
+            given = tuple(n.strip() for n in given.split(",") if n.strip())
+        if f.name in RESUME_MAY_CHANGE:
+            values[f.name] = given
+        elif given != values.get(f.name):
+            raise UserError(f"--resume continues the stored run: --{f.name.replace('_', '-')} {given!r} "
+                            f"differs from its {values.get(f.name)!r}")
+    values["out"] = args.out
+    return RunConfig(**{f.name: values[f.name] for f in fields(RunConfig) if f.name in values})
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    created: Optional[Path] = None   # the work folder this invocation made, removed if it fails early
+    if argv and argv[0] == "info":
+        from compress.info import main as info_main
+        return info_main(argv[1:])
+    try:
+        args = make_parser().parse_args(argv)
+        if not args.out:
+            raise UserError("--out is required: the run folder to write")
+        out = Path(args.out)
+        rank = int(os.environ.get("RANK", "0"))
+        if args.resume:
+            work = prepare_folders(out, resume=True, force=args.force) if rank == 0 else partial_dir(out)
+            cfg = config_for_resume(args, stored_config(partial_dir(out)))
+            validate(cfg)
+        else:
+            cfg = resolve(args)
+            work = partial_dir(out)
+            if rank == 0:
+                prepare_folders(out, resume=False, force=args.force)
+                created = work
+        if not cfg.name:
+            cfg.name = out.name
+        run(cfg, work=work, out=out, resume=args.resume)
+    except UserError as exc:
+        _drop_if_empty(created)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _drop_if_empty(created)
+        print("interrupted: resume with --resume", file=sys.stderr)
+        return 130
+    except BaseException:
+        _drop_if_empty(created)
+        raise
+    return 0
+
+
+def _drop_if_empty(work: Optional[Path]) -> None:
+    """A run that failed before its first checkpoint leaves nothing to resume: remove its folder."""
+    if work is not None and work.is_dir() and not (work / "checkpoint.pt").exists():
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def load_data(cfg: RunConfig):
+    """The dataset with the run's train/test subsets (seeded draws, kept in their original order)."""
+    import numpy as np
+
+    from compress.data import load_dataset
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    rng = np.random.default_rng(cfg.seed)
+    changes = {}
+    for split, n in (("train", cfg.train_subset), ("test", cfg.test_subset)):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        if n is not None and n < len(y):
+            idx = np.sort(rng.choice(len(y), size=n, replace=False))
+            changes[f"x_{split}"], changes[f"y_{split}"] = x[idx], y[idx]
+    return replace(data, **changes) if changes else data
+
+
+def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
+    """Train + prune per `cfg` in `work`, write the run folder, publish it as `out` (main rank)."""
+    import torch
+
+    from compress import methods, report
+    from compress.prune.surgery import arch_of, rebuild
+    from compress.train import TrainConfig, Trainer, init_distributed
+
+    if cfg.workers:
+        torch.set_num_threads(cfg.workers)
+    device = cfg.device
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:   # torchrun: one GPU per rank
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist_info = init_distributed(device)
+    started = time.time()
+    data = load_data(cfg)
+    num_classes = cfg.num_classes or len(data.classes)
+    hw = tuple(data.x_train.shape[1:3])
+    input_shape = (1, 3, *hw)
+
+    torch.manual_seed(cfg.seed)
+    plan = methods.make_plan(cfg, data, num_classes=num_classes, input_shape=input_shape)
+    train_config = TrainConfig(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+        label_smoothing=cfg.label_smoothing, bf16=cfg.bf16, channels_last=cfg.channels_last, seed=cfg.seed,
+        device=device, eval_every=cfg.eval_every, progress=cfg.progress)
+    spec = dict(spec=cfg.model, num_classes=num_classes, width=cfg.width)
+    trainer = Trainer(plan.model, data, train_config, plan.phases, plan.callbacks, workdir=work,
+                      input_shape=input_shape, arch_of=lambda m: arch_of(m, **spec), rebuild=rebuild,
+                      dist=dist_info, extra_state={"config": config_as_dict(cfg)})
+    if resume:
+        trainer.load_checkpoint(work / "checkpoint.pt")
+    trainer.fit()
+    # The numbers people compare: fp32, on the extracted network (every rank takes part), counted
+    # by compress.flops.
+    slim = plan.finish(trainer).to(trainer.device, memory_format=torch.contiguous_format).eval()
+    slim_top1 = trainer.evaluate(slim, bf16=False).top1
+    slim.to("cpu")
+    if dist_info.enabled:
+        torch.distributed.destroy_process_group()
+    if not dist_info.is_main:
+        return
+    dense_top1 = slim_top1 if cfg.method == "none" else plan.dense_top1(trainer.log)
+    summary = report.write_run_folder(
+        work, slim, name=cfg.name, method=cfg.method, data=data, num_classes=num_classes, target=plan.target,
+        dense_counts=plan.dense_counts, dense_top1=dense_top1, slim_top1=slim_top1, arch=arch_of(slim, **spec),
+        epochs=cfg.epochs, seconds=trainer.seconds, wall_seconds=time.time() - started,
+        config=config_as_dict(cfg), calib=cfg.calib, seed=cfg.seed)
+    publish(work, out)
+    print(f"wrote {out}: top1 {slim_top1:.4f}, flops {summary['slim']['flops'] / 1e6:.2f}M "
+          f"(-{summary['achieved']['flops_reduction']:.1%}), params {summary['slim']['params'] / 1e6:.3f}M "
+          f"(-{summary['achieved']['params_reduction']:.1%})")
+
+
+def config_as_dict(cfg: RunConfig) -> dict:
+    d = asdict(cfg)
+    d["ignore"] = list(cfg.ignore)
+    return d

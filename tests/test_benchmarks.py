@@ -1,0 +1,190 @@
+"""The benchmark scripts at their tiniest scale: real runs of the real CLIs, checked for content.
+
+A 1/8-width VGG-16 on 256 CIFAR-10 images for 2 epochs, one torch thread (the host is shared);
+the latency script measures the ONNX formats only (TFLite conversion would double its time).
+No timing is asserted.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import methods
+from benchmarks.torch_pruning_peer import classifier_names, prune_to_target
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+SMOKE_METHODS = "seed,random,torch-pruning"
+
+
+def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def methods_args(results: Path, data_dir: Path) -> list[str]:
+    return ["--preset", "smoke", "--methods", SMOKE_METHODS, "--targets", "0.5", "--results", str(results),
+            "--data-dir", str(data_dir), "--compress-arg=--workers=1"]
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory, small_cifar_dir) -> Path:
+    results = tmp_path_factory.mktemp("bench") / "methods-smoke"
+    proc = run_script("methods.py", *methods_args(results, small_cifar_dir))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return results
+
+
+@pytest.mark.slow
+def test_methods_smoke_runs_every_configuration(smoke_results):
+    result = json.loads((smoke_results / "methods.json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["vgg16-none", "vgg16-seed-f50", "vgg16-torch-pruning-f50", "vgg16-random-f50"]
+    assert all(r["status"] == "done" for r in rows.values())
+    assert rows["vgg16-none"]["flops_reduction"] == pytest.approx(0.0, abs=1e-9)
+    for name in ("vgg16-seed-f50", "vgg16-torch-pruning-f50"):
+        assert abs(rows[name]["flops_reduction"] - 0.5) <= 0.01, name
+        assert 0.0 <= rows[name]["top1"] <= 1.0
+    # random pruning takes the seed run's per-layer widths
+    arch = {n: json.loads((smoke_results / "runs" / n / "arch.json").read_text())["modules"]
+            for n in ("vgg16-seed-f50", "vgg16-random-f50")}
+    assert arch["vgg16-seed-f50"] == arch["vgg16-random-f50"]
+    # the same epoch budget for every method
+    assert {r["epochs"] for r in rows.values()} == {2}
+    md = (smoke_results / "methods.md").read_text()
+    assert "machine:" in md and "command:" in md and "| 0.50 | torch-pruning |" in md
+    assert result["meta"]["machine"]["cores"] >= 1 and result["meta"]["versions"]["torch"]
+    assert (smoke_results / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_methods_rerun_skips_finished_runs(smoke_results, small_cifar_dir):
+    walls = (smoke_results / "wall_times.json").read_text()
+    logs = {p.name: p.read_text() for p in (smoke_results / "logs").iterdir()}
+    proc = run_script("methods.py", *methods_args(smoke_results, small_cifar_dir))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "4/4 configurations done" in proc.stdout
+    assert (smoke_results / "wall_times.json").read_text() == walls       # nothing ran again
+    assert {p.name: p.read_text() for p in (smoke_results / "logs").iterdir()} == logs
+    sessions = json.loads((smoke_results / "methods.json").read_text())["sessions"]
+    assert len(sessions) == 2
+
+
+@pytest.mark.slow
+def test_torch_pruning_run_folder_matches_compress_schema(smoke_results):
+    from safetensors.torch import load_file
+
+    from compress.prune.surgery import rebuild
+    runs = smoke_results / "runs"
+    seed = json.loads((runs / "vgg16-seed-f50" / "report.json").read_text())
+    tp = json.loads((runs / "vgg16-torch-pruning-f50" / "report.json").read_text())
+    assert set(seed) <= set(tp)
+    assert tp["method"] == "torch-pruning" and tp["target"] == {"metric": "flops", "reduction": 0.5}
+    assert tp["dense"]["flops"] == seed["dense"]["flops"]
+    assert 0 < tp["torch_pruning"]["pruning_ratio"] < 0.9
+    # weights + arch rebuild the network that model.pt2 holds
+    folder = runs / "vgg16-torch-pruning-f50"
+    model = rebuild(json.loads((folder / "arch.json").read_text()))
+    model.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    program = torch.export.load(str(folder / "model.pt2")).module()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), program(x), rtol=1e-4, atol=1e-4)
+
+
+def test_prune_to_target_meets_flops_within_half_a_point():
+    from compress.models import create_model
+    model = create_model("vgg16", width=0.125).eval()
+    for target in (0.76,):
+        result = prune_to_target(model, metric="flops", reduction=target, importance="magnitude", min_keep=0.1,
+                                 ignore=classifier_names(model), input_shape=(1, 3, 32, 32))
+        assert abs(result.reduction - target) <= 0.005
+        assert result.model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert model.features[0].out_channels == 8      # the dense model is left alone
+
+
+def test_methods_resumes_a_half_done_run(tmp_path):
+    layout = methods.Layout(tmp_path)
+    config = methods.Config("vgg16", "taylor", 0.76)
+    assert config.name == "vgg16-taylor-f76"
+    partial = layout.run(config).with_name("vgg16-taylor-f76.partial")
+    partial.mkdir(parents=True)
+    assert "--force" in methods.command(config, "cpu", layout, None, ())
+    (partial / "checkpoint.pt").write_bytes(b"")
+    cmd = methods.command(config, "cpu", layout, None, ())
+    assert "--resume" in cmd and "--force" not in cmd
+    assert cmd[cmd.index("--target") + 1] == "flops=0.76" and cmd[cmd.index("--epochs") + 1] == "4"
+
+
+def test_methods_plan_runs_seed_before_the_methods_that_take_its_widths():
+    order = [c.name for c in methods.plan(["vgg16"], ["scratch", "l1"], {"vgg16": (0.9,)})]
+    assert order == ["vgg16-none", "vgg16-seed-f90", "vgg16-l1-f90", "vgg16-scratch-f90"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "seed,magic"], "unknown magic"),
+    (["--targets", "0.5,1.5"], "strictly between 0 and 1"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--models", "mobilenetv2"], "give --targets"),
+])
+def test_methods_bad_input_is_one_line_exit_2(args, message, tmp_path):
+    proc = run_script("methods.py", *args, "--results", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_latency_vs_flops_smoke(smoke_results, tmp_path):
+    runs = smoke_results / "runs"
+    out = tmp_path / "lat"
+    proc = run_script("latency_vs_flops.py", "--dense", str(runs / "vgg16-none"), "--slim",
+                      str(runs / "vgg16-seed-f50"), "--formats", "onnx,onnx-int8", "--threads", "1",
+                      "--runs", "5", "--warmup", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((out / "latency_vs_flops.json").read_text())
+    rows = result["speedups"]
+    assert [(r["format"], r["threads"]) for r in rows] == [("onnx", 1), ("onnx-int8", 1)]
+    for r in rows:
+        assert r["flops_ratio"] == pytest.approx(1 / (1 - 0.5), rel=0.05)
+        assert r["speedup"] == pytest.approx(r["dense_p50_ms"] / r["slim_p50_ms"])
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_ratio"])
+    assert {(r["bundle"], r["runtime"]) for r in result["int8_vs_fp32"]} == {
+        ("vgg16-none", "onnx"), ("vgg16-seed-f50", "onnx")}
+    assert (out / "latency_vs_flops.png").is_file() and "efficiency" in (out / "latency_vs_flops.md").read_text()
+
+
+def test_latency_vs_flops_rejects_a_folder_without_a_run(tmp_path):
+    proc = run_script("latency_vs_flops.py", "--dense", str(tmp_path), "--slim", str(tmp_path))
+    assert proc.returncode == 2 and "no report.json" in proc.stderr
+
+
+def test_seed_overhead_smoke(tmp_path, small_cifar_dir):
+    out = tmp_path / "ov"
+    proc = run_script("seed_overhead.py", "--width", "0.125", "--steps", "3", "--batch-size", "8", "--bf16", "off",
+                      "--threads", "1", "--data-dir", str(small_cifar_dir), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "seed_overhead.json").read_text())
+    (row,) = result["rows"]
+    assert row["bf16"] is False and row["plain_ms"] > 0 and row["seed_ms"] > 0
+    assert row["overhead"] == pytest.approx(row["seed_ms"] / row["plain_ms"] - 1)
+    assert (out / "seed_overhead.png").is_file() and "machine:" in (out / "seed_overhead.md").read_text()
+
+
+def test_methods_refuses_a_results_folder_another_session_holds(tmp_path, small_cifar_dir):
+    import os
+
+    from benchmarks.common import lock_folder
+    results = tmp_path / "held"
+    fd = lock_folder(results)
+    try:
+        proc = run_script("methods.py", *methods_args(results, small_cifar_dir))
+    finally:
+        os.close(fd)
+    assert proc.returncode == 2 and "in use by another session" in proc.stderr
+    assert not (results / "runs").exists()

@@ -1,0 +1,193 @@
+"""`python -m compress` end to end at smoke scale: the run folder, the exported program in a fresh
+process, the target, the folder protocol, and every bad input -> one line, exit 2."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_FILES = ["model.pt2", "weights.safetensors", "arch.json", "report.json", "train_log.csv", "channels.png",
+             "checkpoint.pt", "calib.npz", "test.npz"]
+LOG_COLUMNS = "epoch,phase,lr,train_loss,train_top1,test_loss,test_top1,flops,params,seconds"
+
+
+def tiny_args(data_dir: Path, *extra: str) -> list[str]:
+    """A VGG-16 at width 0.25 on 192 images for 2 epochs: seconds, but every code path."""
+    return ["--model", "vgg16", "--width", "0.25", "--preset", "smoke", "--epochs", "2", "--train-subset", "192",
+            "--test-subset", "128", "--calib", "32", "--batch-size", "32", "--data-dir", str(data_dir),
+            "--no-progress", *extra]
+
+
+def compress_here(*args: str) -> None:
+    """The same CLI in this process (no interpreter start-up): for runs whose exit path is not the point."""
+    from compress.cli import main
+    assert main(list(args)) == 0
+
+
+def compress(*args: str, cwd: Path = REPO, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "compress", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"compress failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory, small_cifar_dir) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "seed-f50"
+    compress(*tiny_args(small_cifar_dir, "--method", "seed", "--target", "flops=0.5", "--out", str(out)))
+    return out
+
+
+def test_seed_run_writes_the_whole_run_folder(seed_run: Path):
+    for name in RUN_FILES:
+        assert (seed_run / name).is_file(), name
+    assert not seed_run.with_name(seed_run.name + ".partial").exists()
+
+    report = json.loads((seed_run / "report.json").read_text())
+    for key in ("schema", "name", "method", "model", "dataset", "num_classes", "classes", "target", "dense",
+                "slim", "achieved", "layers", "epochs", "seconds", "input", "config", "toolchain", "created"):
+        assert key in report, key
+    assert report["method"] == "seed" and report["name"] == "seed-f50" and report["num_classes"] == 10
+    assert report["target"] == {"metric": "flops", "reduction": 0.5}
+    assert abs(report["achieved"]["flops_reduction"] - 0.5) <= 0.01
+    assert report["slim"]["flops"] < report["dense"]["flops"]
+    assert 0.0 <= report["slim"]["top1"] <= 1.0
+    assert any(layer["after"] < layer["before"] for layer in report["layers"])
+    assert report["input"]["layout"] == "NCHW" and report["input"]["shape"] == [1, 3, 32, 32]
+
+    lines = (seed_run / "train_log.csv").read_text().splitlines()
+    assert lines[0] == LOG_COLUMNS and len(lines) == 3
+
+    ckpt = torch.load(seed_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["arch"]  # extracted at the end: the compact shape is stored
+
+    with np.load(seed_run / "calib.npz", allow_pickle=False) as z:
+        assert z["x"].shape == (32, 32, 32, 3) and z["x"].dtype == np.uint8 and z["y"].dtype == np.int64
+    with np.load(seed_run / "test.npz", allow_pickle=False) as z:
+        assert z["x"].shape == (128, 32, 32, 3) and len(z["y"]) == 128
+    assert (seed_run / "channels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_arch_and_weights_rebuild_the_exported_network(seed_run: Path):
+    from safetensors.torch import load_file
+
+    from compress.flops import count
+    from compress.prune.surgery import rebuild
+
+    model = rebuild(json.loads((seed_run / "arch.json").read_text()))
+    model.load_state_dict(load_file(seed_run / "weights.safetensors"))
+    model.eval()
+    report = json.loads((seed_run / "report.json").read_text())
+    assert count(model).flops == report["slim"]["flops"]
+    program = torch.export.load(seed_run / "model.pt2").module()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_model_pt2_runs_in_a_fresh_process_without_this_project(seed_run: Path, tmp_path: Path):
+    script = textwrap.dedent("""
+        import json, sys
+        sys.modules["compress"] = None      # importing this project now fails
+        import numpy as np, torch
+        run = sys.argv[1]
+        report = json.load(open(run + "/report.json"))
+        program = torch.export.load(run + "/model.pt2").module()
+        z = np.load(run + "/test.npz", allow_pickle=False)
+        inp = report["input"]
+        x = torch.from_numpy(z["x"]).permute(0, 3, 1, 2).float() * inp["scale"]
+        x = (x - torch.tensor(inp["mean"]).view(1, 3, 1, 1)) / torch.tensor(inp["std"]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            logits = torch.cat([program(x[i:i + 50]) for i in range(0, len(x), 50)])   # several batch sizes
+        print(json.dumps({"top1": float((logits.argmax(1).numpy() == z["y"]).mean()), "k": logits.shape[1]}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(seed_run)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads((seed_run / "report.json").read_text())
+    assert got["k"] == 10
+    assert abs(got["top1"] - report["slim"]["top1"]) <= 1 / 128 + 1e-9  # at most one argmax tie apart
+
+
+def test_params_target_is_met_within_one_point(tmp_path: Path, small_cifar_dir: Path):
+    out = tmp_path / "seed-p50"
+    compress_here(*tiny_args(small_cifar_dir, "--method", "seed", "--target", "params=0.5", "--out", str(out)))
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == {"metric": "params", "reduction": 0.5}
+    assert abs(report["achieved"]["params_reduction"] - 0.5) <= 0.01
+
+
+def test_existing_run_is_kept_until_the_forced_run_is_complete(seed_run: Path, tmp_path: Path,
+                                                              small_cifar_dir: Path):
+    out = tmp_path / "run"
+    shutil.copytree(seed_run, out)
+    before = (out / "report.json").read_text()
+    # A forced run that fails (unreachable target) leaves the old run as it was.
+    bad = compress(*tiny_args(small_cifar_dir, "--method", "l1", "--target", "flops=0.999", "--out", str(out),
+                              "--force"), check=False)
+    assert bad.returncode == 2
+    assert (out / "report.json").read_text() == before
+    compress_here(*tiny_args(small_cifar_dir, "--method", "none", "--epochs", "1", "--out", str(out), "--force"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "none" and report["dense"]["top1"] == report["slim"]["top1"]
+    assert report["achieved"]["flops_reduction"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no .partial / .old left behind
+
+
+def test_info_subcommand(tmp_path: Path):
+    proc = compress("info", "--model", "vgg16", "--width", "0.25")
+    assert json.loads(proc.stdout)["flops"] > 0
+
+
+BAD_INPUTS = {
+    "unknown model": (["--model", "nosuchnet", "--target", "flops=0.5"], "unknown model"),
+    "bad factory": (["--model", "no_such_pkg.nets:make", "--target", "flops=0.5"], "no_such_pkg"),
+    "target zero": (["--target", "flops=0"], "between 0 and 1"),
+    "target one": (["--target", "params=1"], "between 0 and 1"),
+    "target malformed": (["--target", "flops"], "flops=R"),
+    "target metric": (["--target", "macs=0.5"], "flops=R"),
+    "target not a number": (["--target", "flops=half"], "not a number"),
+    "target unreachable": (["--target", "flops=0.999", "--method", "l1"], "unreachable"),
+    "unknown method": (["--target", "flops=0.5", "--method", "magic"], "unknown method"),
+    "unknown preset": (["--target", "flops=0.5", "--preset", "turbo"], "unknown preset"),
+    "no target": (["--method", "seed"], "needs --target"),
+    "resume without checkpoint": (["--target", "flops=0.5", "--resume"], "nothing to resume"),
+    "random with a target": (["--method", "random", "--widths-from", "/nonexistent", "--target", "flops=0.5"],
+                             "drop --target"),
+    "widths-from missing": (["--method", "scratch", "--widths-from", "/nonexistent/run"], "no arch.json"),
+    "init not safetensors": (["--target", "flops=0.5", "--init", "weights.pt"], "safetensors"),
+    "bad flag": (["--target", "flops=0.5", "--epochs", "many"], "invalid int"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, small_cifar_dir: Path):
+    args, expected = BAD_INPUTS[case]
+    proc = compress("--data-dir", str(small_cifar_dir), "--out", str(tmp_path / "out"), "--preset", "smoke",
+                    "--width", "0.25", *args, check=False, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert expected in lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_existing_run_without_force_is_refused(seed_run: Path, tmp_path: Path, small_cifar_dir: Path):
+    before = (seed_run / "report.json").read_text()
+    proc = compress(*tiny_args(small_cifar_dir, "--method", "seed", "--target", "flops=0.5",
+                               "--out", str(seed_run)), check=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (seed_run / "report.json").read_text() == before

@@ -1,0 +1,131 @@
+"""Every method at smoke scale: it runs, it lands on the target, the baselines that borrow a seed
+run's widths really use them; and two DDP ranks (gloo on 127.0.0.1) select the same channels."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.test_cli import compress_here, tiny_args
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory, small_cifar_dir) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "seed"
+    compress_here(*tiny_args(small_cifar_dir, "--method", "seed", "--target", "flops=0.6", "--out", str(out)))
+    return out
+
+
+def report_of(run: Path) -> dict:
+    return json.loads((run / "report.json").read_text())
+
+
+def phases_of(run: Path) -> list[str]:
+    return [line.split(",")[1] for line in (run / "train_log.csv").read_text().splitlines()[1:]]
+
+
+@pytest.mark.parametrize("method", ["l1", "slimming", "taylor"])
+def test_one_shot_baselines_train_prune_finetune_to_the_target(method: str, tmp_path: Path, small_cifar_dir: Path):
+    out = tmp_path / method
+    compress_here(*tiny_args(small_cifar_dir, "--method", method, "--target", "flops=0.6", "--out", str(out)))
+    report = report_of(out)
+    assert report["method"] == method
+    assert abs(report["achieved"]["flops_reduction"] - 0.6) <= 0.01
+    assert report["dense"]["top1"] is not None          # measured before the cut
+    assert phases_of(out) == ["dense", "finetune"]       # 2 epochs split 50/50
+    assert any(layer["after"] < layer["before"] for layer in report["layers"])
+
+
+def test_random_uses_the_seed_runs_widths(seed_run: Path, tmp_path: Path, small_cifar_dir: Path):
+    out = tmp_path / "random"
+    # --model/--width come from the seed run's arch.json when not given.
+    compress_here("--method", "random", "--widths-from", str(seed_run), "--preset", "smoke", "--epochs", "2",
+             "--train-subset", "192", "--test-subset", "128", "--calib", "32", "--batch-size", "32",
+             "--data-dir", str(small_cifar_dir), "--no-progress", "--out", str(out))
+    report, seed = report_of(out), report_of(seed_run)
+    assert report["layers"] == seed["layers"]
+    assert report["slim"]["flops"] == seed["slim"]["flops"] and report["target"] == seed["target"]
+    assert phases_of(out) == ["dense", "finetune"]
+
+
+def test_scratch_trains_the_seed_runs_shape_from_fresh_weights(seed_run: Path, tmp_path: Path,
+                                                               small_cifar_dir: Path):
+    out = tmp_path / "scratch"
+    compress_here(*tiny_args(small_cifar_dir, "--method", "scratch", "--widths-from", str(seed_run), "--out", str(out)))
+    arch = json.loads((out / "arch.json").read_text())
+    assert arch["modules"] == json.loads((seed_run / "arch.json").read_text())["modules"]
+    report = report_of(out)
+    assert report["slim"]["flops"] == report_of(seed_run)["slim"]["flops"]
+    assert report["dense"]["flops"] == report_of(seed_run)["dense"]["flops"]
+    assert phases_of(out) == ["train", "train"]
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, argv: list[str], dump: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from compress import cli, methods
+
+    extract_once = methods.SeedPrune.on_epoch_end
+
+    def record_then_extract(self, trainer, epoch):
+        # What this rank selected, just before the channels are cut.
+        if epoch == self.extract_at and not self.extracted:
+            torch.save({"masks": self.pruner.masks, "utility": self.pruner.utility,
+                        "model": {k: v.cpu() for k, v in trainer.model.state_dict().items()}},
+                       Path(dump) / f"rank{rank}.pt")
+        extract_once(self, trainer, epoch)
+
+    methods.SeedPrune.on_epoch_end = record_then_extract
+    assert cli.main(argv) == 0
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_select_identical_masks(tmp_path: Path, small_cifar_dir: Path):
+    out = tmp_path / "ddp"
+    argv = tiny_args(small_cifar_dir, "--method", "seed", "--target", "flops=0.5", "--out", str(out))
+    mp.spawn(_rank_main, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["masks"].keys() == r1["masks"].keys()
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+        assert torch.equal(r0["utility"][name], r1["utility"][name]), name
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k    # DDP kept the replicas identical
+    report = report_of(out)
+    assert abs(report["achieved"]["flops_reduction"] - 0.5) <= 0.01
+    assert (out / "model.pt2").is_file() and not out.with_name("ddp.partial").exists()
+
+
+def test_init_loads_safetensors_weights_and_refuses_a_mismatch(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    from compress.errors import UserError
+    from compress.methods import _load_init
+    from compress.models import create_model
+
+    source = create_model("vgg11", 10, 0.25)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "w.safetensors")
+    target = create_model("vgg11", 10, 0.25)
+    _load_init(target, str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    with pytest.raises(UserError, match="shape"):
+        _load_init(create_model("vgg11", 10, 0.5), str(tmp_path / "w.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a readable"):
+        _load_init(target, str(tmp_path / "junk.safetensors"))
