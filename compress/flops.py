@@ -92,8 +92,18 @@ def count(model: nn.Module, input_shape=(1, 3, 32, 32)) -> Counts:
         found[module].flops += int(macs)
 
     # Convs/Linears even when they have children (e.g. torch parametrizations); other leaves with parameters.
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if _does_macs(m) or (_own_params(m) and not list(m.children()))]
+    forward_with_hooks(model, example, [m for m in model.modules()
+                                        if _does_macs(m) or (_own_params(m) and not list(m.children()))], hook)
+
+    layers = list(found.values())
+    params = sum(p.numel() for p in model.parameters())
+    return Counts(flops=sum(layer.flops for layer in layers), params=params, layers=layers)
+
+
+def forward_with_hooks(model: nn.Module, example: torch.Tensor, modules, hook) -> None:
+    """One no-grad forward pass in eval mode (no BN statistics update) with `hook` as a forward
+    hook on `modules`; the hooks are removed and every module's train/eval flag restored after."""
+    handles = [m.register_forward_hook(hook) for m in modules]
     modes = {m: m.training for m in model.modules()}  # per module: some may be frozen in eval
     try:
         model.eval()
@@ -104,7 +114,3 @@ def count(model: nn.Module, input_shape=(1, 3, 32, 32)) -> Counts:
             h.remove()
         for m, training in modes.items():
             m.training = training
-
-    layers = list(found.values())
-    params = sum(p.numel() for p in model.parameters())
-    return Counts(flops=sum(layer.flops for layer in layers), params=params, layers=layers)

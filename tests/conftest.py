@@ -62,3 +62,11 @@ def bundle_dir(tmp_path_factory, trained_run, python_exe) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"python -m export failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return out
+
+
+@pytest.fixture(scope="session")
+def bundle(request) -> Path:
+    """The bundle the device_bench tests measure: `bundle_dir` (a small trained CNN exported to all
+    four formats). While developing, $DEVICE_BENCH_TEST_BUNDLE can name an existing bundle instead."""
+    override = os.environ.get("DEVICE_BENCH_TEST_BUNDLE")
+    return Path(override) if override else request.getfixturevalue("bundle_dir")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,21 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.device_bench_helpers import bench
+
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--runs", "5", "--warmup", "1"]
-
-
-@pytest.fixture(scope="module")
-def bundle(request) -> Path:
-    """The real test bundle (conftest `bundle_dir`: a small trained CNN exported to all four
-    formats). While developing, $DEVICE_BENCH_TEST_BUNDLE can name an existing bundle instead."""
-    override = os.environ.get("DEVICE_BENCH_TEST_BUNDLE")
-    return Path(override) if override else request.getfixturevalue("bundle_dir")
-
-
-def bench(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "device_bench", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -24,23 +24,11 @@ from device_bench import deploy as dep
 from device_bench import ssh
 from device_bench.bundle import read_bundle
 from device_bench.errors import BenchError
+from tests.device_bench_helpers import bench
 
 REPO = Path(__file__).resolve().parents[1]
 SSHD = "/usr/sbin/sshd"
 RUN_FAST = ["--formats", "tflite", "--threads", "1", "--runs", "5", "--warmup", "1"]
-
-
-@pytest.fixture(scope="module")
-def bundle(request) -> Path:
-    """The real test bundle (conftest `bundle_dir`: a small trained CNN exported to all four
-    formats). While developing, $DEVICE_BENCH_TEST_BUNDLE can name an existing bundle instead."""
-    override = os.environ.get("DEVICE_BENCH_TEST_BUNDLE")
-    return Path(override) if override else request.getfixturevalue("bundle_dir")
-
-
-def bench(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "device_bench", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def one_line_error(proc) -> str:

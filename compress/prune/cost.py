@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
+from compress.flops import forward_with_hooks
 from compress.prune.graph import ChannelGroup
 
 METRICS = ("flops", "params")
@@ -160,14 +161,6 @@ def _output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str
         channels = output.shape[1] if isinstance(module, nn.Conv2d) else output.shape[-1]
         positions[names[module]] = output.numel() // (batch * channels)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, example_input, [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
+                       hook)
     return positions

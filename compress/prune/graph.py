@@ -38,6 +38,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress.errors import UserError
+from compress.flops import forward_with_hooks
 
 OPTYPE = tp.ops.OPTYPE
 
@@ -143,16 +144,7 @@ def _calls(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, int
     def hook(module, inputs, output):
         counts[module] = counts.get(module, 0) + 1
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, SUPPORTED_LAYERS)]
-    was_training = model.training
-    try:
-        model.eval()  # no BN statistics update
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, example_input, [m for m in model.modules() if isinstance(m, SUPPORTED_LAYERS)], hook)
     return counts
 
 
