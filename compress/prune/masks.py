@@ -96,7 +96,10 @@ class ChannelMasker:
                 shape = (1, -1) + (1,) * (output.dim() - 2)
                 output = output * mask.to(device=output.device, dtype=output.dtype).view(shape)
             if self.record and module.training and output.requires_grad:
-                z = output
+                # Capture a detached view: a hook whose closure holds the very tensor it is registered
+                # on makes a reference cycle through C++ that the garbage collector cannot see, and
+                # every batch's activations leaked (60 MB per VGG-16 step).
+                z = output.detach()
                 output.register_hook(lambda grad: self._taylor(module_name, z, grad))
             return output
         hook.edgeslim_mask = True  # extract() drops hooks so marked from its copy
