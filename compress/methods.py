@@ -379,7 +379,7 @@ class SeedPrune(Callback):
         masks = self.pruner.masks
         if masks is None:  # a budget shorter than the warm-up: select once from what was seen
             c = self.pruner.config
-            masks = select(self.pruner.utility, self.cost, c.metric, c.reduction, c.min_keep)
+            masks = select(self.pruner.utility, self.cost, c.metric, c.reduction, c.min_keep, cost_power=c.cost_power)
         self.masker.remove()
         self.masker = None
         trainer.model = extract(trainer.model, self.groups, masks, self.example_input.to(trainer.device))
@@ -415,7 +415,7 @@ def _seed_plan(cfg, model, dense_counts, target, example, steps_per_epoch: int) 
     warmup, freeze = seed_schedule(prune_epochs, cfg.prune_warmup, cfg.prune_end)
     config = SeedConfig.for_run(target["metric"], target["reduction"], prune_epochs, steps_per_epoch,
                                 warmup_steps=warmup * steps_per_epoch, freeze_at=freeze * steps_per_epoch,
-                                min_keep=cfg.min_keep)
+                                min_keep=cfg.min_keep, cost_power=cfg.cost_power)
     callback = SeedPrune(groups, cost, config, freeze - 1, example)
     # One learning-rate cycle over the prune epochs, whether the network is masked or already cut.
     phases = [Phase("seed", freeze, cycle_epochs=prune_epochs)]

@@ -120,3 +120,24 @@ def test_identical_inputs_identical_masks():
     a = select(scores, cost, "flops", 0.5, 0.1)
     b = select(scores, cost, "flops", 0.5, 0.1)
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("metric", ["flops", "params"])
+def test_cost_power_zero_ranks_by_score_alone(metric):
+    """cost_power=0: the lowest-scored channels go first wherever they are, the budget only sets
+    how many; cost_power=1 weighs each channel's score by what removing it saves, so the same
+    scores give a different cut. Both meet the target."""
+    groups, cost = prepared("vgg16")
+    low = {g.name for g in groups[-4:]}  # the last 512-channel convs score low, everything else high
+    scores = {g.name: torch.full((g.size,), 0.1 if g.name in low else 1.0) + 1e-3 * torch.rand(g.size)
+              for g in groups}
+    by_score = select(scores, cost, metric, 0.5, min_keep=0.1, cost_power=0.0)
+    by_saving = select(scores, cost, metric, 0.5, min_keep=0.1, cost_power=1.0)
+    for masks in (by_score, by_saving):
+        assert 0.5 <= achieved(cost, metric, masks) <= 0.502
+    # Score alone: the low-scored groups are cut before (so at least as deep as) any high-scored one.
+    def cut(masks, g):
+        return 1 - float(masks[g.name].float().mean())
+    cut_high = max(cut(by_score, g) for g in groups if g.name not in low)
+    assert all(cut(by_score, g) > cut_high for g in groups if g.name in low)
+    assert any(not torch.equal(by_score[n], by_saving[n]) for n in by_score)

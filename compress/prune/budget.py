@@ -73,8 +73,12 @@ def _addition_costs(cost: ResourceModel, metric: str, k: np.ndarray) -> np.ndarr
 
 
 def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str, reduction: float,
-           min_keep: int | float, budgets: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
-    """Boolean keep-masks per group meeting `reduction` of `metric` (see the module docstring)."""
+           min_keep: int | float, budgets: Mapping[str, int] | None = None,
+           cost_power: float = 1.0) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks per group meeting `reduction` of `metric` (see the module docstring).
+    Channels are ranked by score / resource**cost_power: 1 = score per unit of FLOPs/params saved
+    (thins the layers where a channel is expensive), 0 = score alone (the predecessor's global
+    ranking; the budget only decides how far down the ranking to cut)."""
     reduction = check_target(metric, reduction)
     lowest = min_counts(cost, min_keep)
     reachable = max_reduction(cost, metric, min_keep)
@@ -109,7 +113,7 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
         gone = (sizes - k).astype(int)
         next_score = np.array([r[g] if g < len(r) else np.inf for r, g in zip(ranked, gone)])
         ok = (k > lowest) & (saving > 0)
-        return np.where(ok, next_score / np.where(saving > 0, saving, 1.0), np.inf), saving
+        return np.where(ok, next_score / np.where(saving > 0, saving, 1.0) ** cost_power, np.inf), saving
 
     def remove_to_target(k, frozen=None):
         current = cost.resource(metric, k)
@@ -134,7 +138,7 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
             if not fits.any():
                 return k
             next_score = np.array([r[g - 1] if g > 0 else -np.inf for r, g in zip(ranked, gone)])
-            value = np.where(fits, next_score / np.maximum(add, 1e-12), -np.inf)
+            value = np.where(fits, next_score / np.maximum(add, 1e-12) ** cost_power, -np.inf)
             k[int(np.argmax(value))] += 1
             current = cost.resource(metric, k)
 

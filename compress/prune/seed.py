@@ -66,6 +66,7 @@ class SeedConfig:
     redistribute: float = 0.1        # s: share of a donor layer's spare channels moved per redistribution
     min_keep: float = 0.1            # minimum width: fraction of a layer (or an int count)
     freeze_at: int | None = None     # step after which masks no longer change (None: never)
+    cost_power: float = 1.0          # rank channels by utility / resource**cost_power (budget.select)
 
     @classmethod
     def for_run(cls, metric: str, reduction: float, epochs: int, steps_per_epoch: int, **overrides) -> SeedConfig:
@@ -124,7 +125,8 @@ class SeedPruner:
         if cfg.freeze_at is not None and self.steps > cfg.freeze_at and self.masks is not None:
             return None
         if self.masks is None:
-            return self._apply(budget.select(self.utility, self.cost, cfg.metric, cfg.reduction, cfg.min_keep))
+            return self._apply(budget.select(self.utility, self.cost, cfg.metric, cfg.reduction, cfg.min_keep,
+                                             cost_power=cfg.cost_power))
         since = self.steps - max(cfg.warmup_steps, 1)
         if cfg.redistribute_every and since > 0 and since % cfg.redistribute_every == 0:
             self.redistribute()
@@ -135,7 +137,8 @@ class SeedPruner:
 
     def _select(self) -> dict[str, torch.Tensor]:
         cfg = self.config
-        return budget.select(self.utility, self.cost, cfg.metric, cfg.reduction, cfg.min_keep, budgets=self.budgets)
+        return budget.select(self.utility, self.cost, cfg.metric, cfg.reduction, cfg.min_keep, budgets=self.budgets,
+                             cost_power=cfg.cost_power)
 
     def _apply(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         changed = self.masks is None or any(not torch.equal(masks[n], self.masks[n]) for n in masks)
