@@ -70,7 +70,7 @@ class RunConfig:
     slimming_lambda: float = 1e-4
     taylor_batches: int = 64
     min_keep: float = 0.1                    # every group keeps at least this share (and >= 1 channel)
-    cost_power: float = 1.0                  # seed: rank channels by utility / resource**cost_power
+    cost_power: float = 0.0                  # seed: rank channels by utility / resource**cost_power (BENCHMARKS.md)
     workers: int = 0                         # torch threads; 0 = torch's default
     progress: bool = True
 
@@ -162,7 +162,7 @@ def make_parser() -> argparse.ArgumentParser:
     a("--taylor-batches", type=int, help="taylor: batches to accumulate the criterion over (default 64)")
     a("--min-keep", type=float, help="every group keeps at least this share of its channels (default 0.1)")
     a("--cost-power", type=float, help="seed: rank channels by utility / (FLOPs or params saved)**P; "
-                                       "1 = per unit of resource, 0 = utility alone (default 1)")
+                                       "1 = per unit of resource, 0 = utility alone (default 0, measured better)")
     a("--workers", type=int, help="CPU threads for torch (default: torch's choice)")
     _bool_flag(p, "progress", "progress bars (default on)")
     a("--resume", action="store_true", help="continue the interrupted run in OUT.partial")
