@@ -260,17 +260,22 @@ def test_deploy_remote_run_and_redeploy(server, board, bundle, tmp_path):
                                                                             current(board).split("/")[1]])
 
 
-def test_cut_off_upload_leaves_previous_release_running(server, board, bundle, tmp_path):
-    proc = bench("deploy", bundle, *board_args(server, board))
-    assert proc.returncode == 0, proc.stderr
-    before = current(board)
-
+def second_release(bundle, tmp_path):
+    """A release of the same files under another bundle name: a new version to deploy over the first."""
     v2 = tmp_path / "v2"
     shutil.copytree(bundle, v2)
     manifest = json.loads((v2 / "manifest.json").read_text())
     manifest["name"] = "tiny-slim-v2"
     (v2 / "manifest.json").write_text(json.dumps(manifest))
-    release = dep.build_release(read_bundle(str(v2)))
+    return dep.build_release(read_bundle(str(v2)))
+
+
+def test_cut_off_upload_leaves_previous_release_running(server, board, bundle, tmp_path):
+    proc = bench("deploy", bundle, *board_args(server, board))
+    assert proc.returncode == 0, proc.stderr
+    before = current(board)
+
+    release = second_release(bundle, tmp_path)
 
     def upload_half(pipe):  # the connection drops halfway through the tar stream
         import io
@@ -301,12 +306,7 @@ def test_killed_transfer_leaves_previous_release_running(server, board, bundle, 
     proc = bench("deploy", bundle, *board_args(server, board))
     assert proc.returncode == 0, proc.stderr
     before = current(board)
-    v2 = tmp_path / "v2"
-    shutil.copytree(bundle, v2)
-    manifest = json.loads((v2 / "manifest.json").read_text())
-    manifest["name"] = "tiny-slim-v2"
-    (v2 / "manifest.json").write_text(json.dumps(manifest))
-    release = dep.build_release(read_bundle(str(v2)))
+    release = second_release(bundle, tmp_path)
     import io
 
     buf = io.BytesIO()
