@@ -66,10 +66,12 @@ def one_format(bundle: str, fmt: str, calls: int, threads: int, every: int) -> d
             "seconds": time.perf_counter() - start, "trace": trace, "same_result_after": same}
 
 
-def write(results: List[dict], name: str, out: Path, limit: float) -> Path:
+def write(results: List[dict], name: str, out: Path, limit: float, provenance: dict) -> Path:
+    from benchmarks.common import meta_markdown
+
     out.mkdir(parents=True, exist_ok=True)
     stem = f"runtime-memory-{name}"
-    md = [f"# `predict` memory over {results[0]['calls']:,} calls: {name}", "",
+    md = [f"# `predict` memory over {results[0]['calls']:,} calls: {name}", "", *meta_markdown(provenance), "",
           f"RSS after {WARMUP} warm-up calls vs after the run (limit {limit} MB).", "",
           "| format | backend | RSS before MB | RSS after MB | growth MB | calls/s | verdict |",
           "|---|---|---:|---:|---:|---:|---|"]
@@ -77,7 +79,8 @@ def write(results: List[dict], name: str, out: Path, limit: float) -> Path:
         verdict = "flat" if r["growth_mb"] <= limit and r["same_result_after"] else "GROWS"
         md.append(f"| {r['format']} | {r['backend']} {r['backend_version']} | {r['rss_before_mb']:.1f} | "
                   f"{r['rss_after_mb']:.1f} | {r['growth_mb']:+.2f} | {r['calls'] / r['seconds']:.0f} | {verdict} |")
-    for suffix, text in ((".json", json.dumps(results, indent=2)), (".md", "\n".join(md) + "\n")):
+    for suffix, text in ((".json", json.dumps({**provenance, "bundle": name, "limit_mb": limit,
+                                                          "results": results}, indent=2)), (".md", "\n".join(md) + "\n")):
         tmp = out / (stem + suffix + ".tmp")
         tmp.write_text(text)
         tmp.replace(out / (stem + suffix))
@@ -123,9 +126,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from tqdm import tqdm
 
     sys.path.insert(0, str(REPO))
+    from benchmarks.common import meta
     from runtime.backends import backends_for, is_installed
     from runtime.bundle import read_bundle
 
+    provenance = meta(argv)
     bundle = read_bundle(a.bundle)
     formats = list(bundle.artifacts) if a.formats == "all" else a.formats.split(",")
     formats = [f for f in formats if any(is_installed(b) for b in backends_for(f))]
@@ -137,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {fmt}: {proc.stderr.strip()[-500:]}", file=sys.stderr)
             return 2
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    stem = write(results, bundle.name, a.out, a.limit_mb)
+    stem = write(results, bundle.name, a.out, a.limit_mb, provenance)
     print(f"wrote {stem}.json, .md, .png")
     return 0 if all(r["growth_mb"] <= a.limit_mb and r["same_result_after"] for r in results) else 1
 

@@ -71,6 +71,8 @@ class RunConfig:
     taylor_batches: int = 64
     min_keep: float = 0.1                    # every group keeps at least this share (and >= 1 channel)
     cost_power: float = 0.0                  # seed: rank channels by utility / resource**cost_power (BENCHMARKS.md)
+    redistribute: float = 0.1                # seed: s, share of a donor layer's spare channels moved per epoch
+    redistribute_by: str = "utility-per-cost"  # seed: layer significance xi (see compress/prune/seed.py)
     workers: int = 0                         # torch threads; 0 = torch's default
     progress: bool = True
 
@@ -163,6 +165,10 @@ def make_parser() -> argparse.ArgumentParser:
     a("--min-keep", type=float, help="every group keeps at least this share of its channels (default 0.1)")
     a("--cost-power", type=float, help="seed: rank channels by utility / (FLOPs or params saved)**P; "
                                        "1 = per unit of resource, 0 = utility alone (default 0, measured better)")
+    a("--redistribute", type=float, help="seed: s, the share of a low-significance layer's channels above the "
+                                         "minimum width moved to other layers each epoch (default 0.1; 0 = never)")
+    a("--redistribute-by", choices=["utility", "utility-per-cost"],
+      help="seed: layer significance used to pick donors and receivers (default utility-per-cost)")
     a("--workers", type=int, help="CPU threads for torch (default: torch's choice)")
     _bool_flag(p, "progress", "progress bars (default on)")
     a("--resume", action="store_true", help="continue the interrupted run in OUT.partial")
@@ -236,6 +242,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--finetune-epochs must be in [0, --epochs), got {cfg.finetune_epochs}")
     if not 0 <= cfg.prune_warmup < cfg.prune_end <= 1:
         raise UserError(f"need 0 <= --prune-warmup < --prune-end <= 1, got {cfg.prune_warmup}, {cfg.prune_end}")
+    if not 0 <= cfg.redistribute < 1:
+        raise UserError(f"--redistribute must be in [0, 1), got {cfg.redistribute}")
     if not 0 < cfg.min_keep < 1:
         raise UserError(f"--min-keep must be strictly between 0 and 1, got {cfg.min_keep}")
     if cfg.init is not None:

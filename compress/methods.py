@@ -415,7 +415,8 @@ def _seed_plan(cfg, model, dense_counts, target, example, steps_per_epoch: int) 
     warmup, freeze = seed_schedule(prune_epochs, cfg.prune_warmup, cfg.prune_end)
     config = SeedConfig.for_run(target["metric"], target["reduction"], prune_epochs, steps_per_epoch,
                                 warmup_steps=warmup * steps_per_epoch, freeze_at=freeze * steps_per_epoch,
-                                min_keep=cfg.min_keep, cost_power=cfg.cost_power)
+                                min_keep=cfg.min_keep, cost_power=cfg.cost_power, redistribute=cfg.redistribute,
+                                redistribute_by=cfg.redistribute_by)
     callback = SeedPrune(groups, cost, config, freeze - 1, example)
     # One learning-rate cycle over the prune epochs, whether the network is masked or already cut.
     phases = [Phase("seed", freeze, cycle_epochs=prune_epochs)]

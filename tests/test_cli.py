@@ -168,6 +168,8 @@ BAD_INPUTS = {
     "widths-from missing": (["--method", "scratch", "--widths-from", "/nonexistent/run"], "no arch.json"),
     "init not safetensors": (["--target", "flops=0.5", "--init", "weights.pt"], "safetensors"),
     "bad flag": (["--target", "flops=0.5", "--epochs", "many"], "invalid int"),
+    "redistribute out of range": (["--target", "flops=0.5", "--redistribute", "1.5"], "--redistribute must be"),
+    "redistribute-by unknown": (["--target", "flops=0.5", "--redistribute-by", "cost"], "invalid choice"),
 }
 
 

@@ -80,6 +80,34 @@ def test_redistribution_moves_budget_and_keeps_target():
     assert pruner.budgets[star] >= before[star]
 
 
+@pytest.mark.parametrize("by", ["utility", "utility-per-cost"])
+def test_layer_significance_with_and_without_cost(by):
+    """"utility": xi is the mean utility of a layer's kept channels, whatever a channel costs;
+    "utility-per-cost" divides it by the layer's relative marginal cost, so equal utilities rank
+    the cheap layers first."""
+    config = SeedConfig(metric="flops", reduction=0.5, warmup_steps=1, update_every=1, redistribute_by=by)
+    model, groups, cost, pruner = _setup(config)
+    pruner.step({g.name: torch.rand(g.size) for g in groups})
+    for i, g in enumerate(groups):
+        pruner.utility[g.name].fill_(0.1 * (i + 1))
+    xi = pruner.layer_significance()
+    if by == "utility":
+        assert xi.tolist() == pytest.approx([0.1 * (i + 1) for i in range(len(groups))])
+    else:
+        for g in groups:
+            pruner.utility[g.name].fill_(0.5)
+        xi = pruner.layer_significance()
+        saving = cost.removal_savings("flops", cost.vector(pruner.budgets))
+        order = [int(i) for i in sorted(range(len(groups)), key=lambda i: -saving[i])]
+        assert list(xi[order]) == sorted(xi[order])  # dearer channel, lower significance
+        assert len(set(xi.round(9))) > 1
+
+
+def test_redistribute_by_is_checked():
+    with pytest.raises(ValueError, match="redistribute_by"):
+        SeedConfig.for_run("flops", 0.5, 10, 10, redistribute_by="cost")
+
+
 def test_resume_gives_identical_masks():
     config = SeedConfig(metric="flops", reduction=0.4, warmup_steps=3, update_every=2, redistribute_every=6)
     model, groups, cost, pruner = _setup(config)

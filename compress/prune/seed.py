@@ -71,6 +71,7 @@ class SeedConfig:
     min_keep: float = 0.1            # minimum width: fraction of a layer (or an int count)
     freeze_at: int | None = None     # step after which masks no longer change (None: never)
     cost_power: float = 0.0          # rank channels by utility / resource**cost_power (budget.select); measured: 0 beats 1
+    redistribute_by: str = "utility-per-cost"  # layer significance xi: "utility" or "utility-per-cost"
 
     @classmethod
     def for_run(cls, metric: str, reduction: float, epochs: int, steps_per_epoch: int, **overrides) -> SeedConfig:
@@ -85,12 +86,23 @@ class SeedConfig:
                 raise TypeError(f"SeedConfig has no field {key!r}")
             setattr(config, key, value)
         budget.check_target(config.metric, config.reduction)
+        check_redistribute_by(config.redistribute_by)
         return config
+
+
+REDISTRIBUTE_BY = ("utility", "utility-per-cost")
+
+
+def check_redistribute_by(value: str) -> str:
+    if value not in REDISTRIBUTE_BY:
+        raise ValueError(f"redistribute_by must be one of {', '.join(REDISTRIBUTE_BY)}, got {value!r}")
+    return value
 
 
 class SeedPruner:
     def __init__(self, groups: Sequence[ChannelGroup], cost: ResourceModel, config: SeedConfig):
         budget.check_target(config.metric, config.reduction)
+        check_redistribute_by(config.redistribute_by)
         if config.update_every < 1:
             raise ValueError("update_every must be >= 1")
         self.groups = list(groups)
@@ -156,7 +168,11 @@ class SeedPruner:
     # ------------------------------------------------------------------ budgets
 
     def layer_significance(self) -> np.ndarray:
-        """xi per group: mean utility of its kept channels per unit of (relative) marginal cost."""
+        """xi per group: mean utility of its kept channels ("utility"), or that per unit of the
+        (relative) marginal cost of one of its channels ("utility-per-cost")."""
+        if self.config.redistribute_by == "utility":
+            return np.array([float(self.utility[n][self.masks[n]].mean()) if self.masks[n].any() else 0.0
+                             for n in self.cost.names])
         k = self.cost.vector(self.budgets)
         saving = self.cost.removal_savings(self.config.metric, k)
         relative = saving / max(float(saving[saving > 0].mean()) if (saving > 0).any() else 1.0, 1e-12)
