@@ -72,7 +72,7 @@ class RunConfig:
     min_keep: float = 0.1                    # every group keeps at least this share (and >= 1 channel)
     cost_power: float = 0.0                  # seed: rank channels by utility / resource**cost_power (BENCHMARKS.md)
     redistribute: float = 0.1                # seed: s, share of a donor layer's spare channels moved per epoch
-    redistribute_by: str = "utility-per-cost"  # seed: layer significance xi (see compress/prune/seed.py)
+    redistribute_by: str = "utility"         # seed: layer significance xi (compress/prune/seed.py, BENCHMARKS.md)
     workers: int = 0                         # torch threads; 0 = torch's default
     progress: bool = True
 
@@ -168,7 +168,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--redistribute", type=float, help="seed: s, the share of a low-significance layer's channels above the "
                                          "minimum width moved to other layers each epoch (default 0.1; 0 = never)")
     a("--redistribute-by", choices=["utility", "utility-per-cost"],
-      help="seed: layer significance used to pick donors and receivers (default utility-per-cost)")
+      help="seed: layer significance that picks donor and receiver layers: mean kept utility, or that "
+           "per unit of a channel's cost (default utility, measured better)")
     a("--workers", type=int, help="CPU threads for torch (default: torch's choice)")
     _bool_flag(p, "progress", "progress bars (default on)")
     a("--resume", action="store_true", help="continue the interrupted run in OUT.partial")
