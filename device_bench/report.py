@@ -206,27 +206,36 @@ def best_per_format(rows: List[Row]) -> List[Row]:
 
 
 def plot_tradeoff(rows: List[Row], path: Path) -> None:
+    """Colour = format, marker = (board, bundle). Point labels only while they fit: with several
+    bundles or boards the names go to the legends, or they would print over each other."""
     plt = _pyplot()
     points = [r for r in best_per_format(rows) if r.top1 is not None]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     markers = "osD^v<>Ph*"
-    boards = list(dict.fromkeys(r.board for r in points))
-    multi_bundle = len({r.bundle for r in points}) > 1
+    groups = list(dict.fromkeys((r.board, r.bundle) for r in points))
+    few = len(groups) == 1 and len(points) <= 6
     for r in points:
         ax.scatter(r.lat["p50"], 100 * r.top1, s=70, color=FORMAT_COLORS.get(r.format, "#7f7f7f"),
-                   marker=markers[boards.index(r.board) % len(markers)], edgecolor="black", linewidth=0.5, zorder=3)
-        label = (f"{r.bundle} " if multi_bundle else "") + f"{r.format} ({r.threads}T)"
+                   marker=markers[groups.index((r.board, r.bundle)) % len(markers)], edgecolor="black",
+                   linewidth=0.5, zorder=3)
+        label = f"{r.format} ({r.threads}T)" if few else f"{r.threads}T"
         ax.annotate(label, (r.lat["p50"], 100 * r.top1), textcoords="offset points", xytext=(6, 4), fontsize=7)
     if not points:
         ax.text(0.5, 0.5, "no top-1 accuracy in these bundles' manifests", ha="center", va="center",
                 transform=ax.transAxes)
-    elif max(r.lat["p50"] for r in points) > 10 * min(r.lat["p50"] for r in points):
-        ax.set_xscale("log")
-    for i, b in enumerate(boards):
-        ax.scatter([], [], marker=markers[i % len(markers)], color="white", edgecolor="black", label=b)
-    if boards:
-        ax.legend(title="board", fontsize=8, loc="best")
-        ax.margins(x=0.15, y=0.15)
+    else:
+        if max(r.lat["p50"] for r in points) > 10 * min(r.lat["p50"] for r in points):
+            ax.set_xscale("log")
+        formats = list(dict.fromkeys(r.format for r in points))
+        fmt_handles = [ax.scatter([], [], marker="o", color=FORMAT_COLORS.get(f, "#7f7f7f"), edgecolor="black")
+                       for f in formats]
+        first = ax.legend(fmt_handles, formats, title="format", fontsize=8, loc="lower right")
+        ax.add_artist(first)
+        group_handles = [ax.scatter([], [], marker=markers[i % len(markers)], color="white", edgecolor="black")
+                         for i in range(len(groups))]
+        ax.legend(group_handles, [f"{board} · {bundle}" for board, bundle in groups], title="board · bundle",
+                  fontsize=8, loc="upper left")
+        ax.margins(x=0.15, y=0.25)
     ax.set_xlabel("p50 latency (ms, fastest thread count)")
     ax.set_ylabel("top-1 accuracy (%) from the bundle manifest")
     ax.set_title("Accuracy vs latency")
