@@ -75,4 +75,4 @@ report: setup
 	$(PYTHON) -m device_bench report $(REPORTS)/*.json --out $(REPORTS)/summary
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-device-tflite .pytest_cache .ruff_cache
