@@ -45,8 +45,8 @@ def test_masks_meet_target_at_every_update_and_change():
     masker = ChannelMasker(model, groups, record=True)
     log = []
     _train(model, masker, pruner, 40, log=log)
-    assert all(masks is None for step, _, masks in log if step < 4)  # warm-up: everything on
-    updates = [masks for step, _, masks in log if step >= 4]
+    assert all(masks is None for step, _, masks in log if step <= 4)  # warm-up: 4 steps with everything on
+    updates = [masks for step, _, masks in log if step > 4]
     assert all(m is not None for m in updates)
     for masks in updates:
         assert 0.5 <= achieved(cost, "flops", masks) <= 0.51
@@ -64,7 +64,7 @@ def test_masks_meet_target_at_every_update_and_change():
 
 
 def test_redistribution_moves_budget_and_keeps_target():
-    config = SeedConfig(metric="params", reduction=0.6, warmup_steps=1, update_every=1, redistribute=0.5)
+    config = SeedConfig(metric="params", reduction=0.6, warmup_steps=0, update_every=1, redistribute=0.5)
     model, groups, cost, pruner = _setup(config)
     pruner.step({g.name: torch.rand(g.size) for g in groups})
     before = dict(pruner.budgets)
@@ -85,7 +85,7 @@ def test_layer_significance_with_and_without_cost(by):
     """"utility": xi is the mean utility of a layer's kept channels, whatever a channel costs;
     "utility-per-cost" divides it by the layer's relative marginal cost, so equal utilities rank
     the cheap layers first."""
-    config = SeedConfig(metric="flops", reduction=0.5, warmup_steps=1, update_every=1, redistribute_by=by)
+    config = SeedConfig(metric="flops", reduction=0.5, warmup_steps=0, update_every=1, redistribute_by=by)
     model, groups, cost, pruner = _setup(config)
     pruner.step({g.name: torch.rand(g.size) for g in groups})
     for i, g in enumerate(groups):
@@ -134,9 +134,28 @@ def test_freeze_and_for_run_defaults():
     assert config.warmup_steps == 20 and config.redistribute_every == 10 and config.freeze_at == 300
     with pytest.raises(TypeError):
         SeedConfig.for_run("flops", 0.5, 10, 10, smoothnes=0.5)
-    config = SeedConfig(reduction=0.5, warmup_steps=1, update_every=1, freeze_at=3)
+    config = SeedConfig(reduction=0.5, warmup_steps=0, update_every=1, freeze_at=3)
     _, groups, _, pruner = _setup(config)
     for step in range(8):
         new = pruner.step({g.name: torch.rand(g.size) for g in groups})
         if step >= 3:
             assert new is None
+
+
+def test_epoch_boundary_changes_land_on_the_first_step_of_an_epoch():
+    """Epochs of 5 steps, 2 of them warm-up: the first selection (step 11) and every redistribution
+    (16) happen on the first step of an epoch, never on the last one, which the evaluation follows."""
+    config = SeedConfig(metric="flops", reduction=0.5, warmup_steps=10, update_every=10**6, redistribute_every=5,
+                        redistribute=0.5)
+    _, groups, _, pruner = _setup(config)
+    gen = torch.Generator().manual_seed(3)
+    budget_moves, first = [], None
+    for _ in range(20):
+        before = pruner.budgets
+        pruner.step({g.name: torch.rand(g.size, generator=gen) for g in groups})
+        if pruner.masks is not None and first is None:
+            first = pruner.steps
+        elif before is not None and pruner.budgets != before:
+            budget_moves.append(pruner.steps)
+    assert first == 11
+    assert budget_moves and all((step - 1) % 5 == 0 for step in budget_moves)
