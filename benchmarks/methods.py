@@ -10,7 +10,8 @@ dense reference of each model is a `--method none` run with the same budget. A c
 folder holds report.json is skipped, a half-done one (NAME.partial/checkpoint.pt) is continued
 with `--resume`: rerun the same command in the next session and it picks up where it stopped.
 `random` and `scratch` take the per-layer widths of the seed run at the same target
-(`--widths-from`), so they run after it. `torch-pruning` is benchmarks/torch_pruning_peer.py.
+(`--widths-from`), so they run after it. `torch-pruning` and `torch-pruning-taylor` are
+benchmarks/torch_pruning_peer.py with `--importance magnitude` (group L2 norm) and `taylor`.
 
 Writes RESULTS/methods.json, methods.md and methods.png (top-1 vs achieved FLOPs reduction, one line
 per method, the dense reference as a horizontal line); each run's output is in RESULTS/logs/NAME.log.
@@ -46,7 +47,10 @@ from benchmarks.common import (  # noqa: E402
     write_text,
 )
 
-METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "torch-pruning")
+METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "torch-pruning", "torch-pruning-taylor")
+# The external peer with each of its two criteria that fit a one-shot FLOPs target: group L2 norm
+# (GroupMagnitudeImportance) and group first-order Taylor (GroupTaylorImportance).
+PEER_IMPORTANCE = {"torch-pruning": "magnitude", "torch-pruning-taylor": "taylor"}
 NEEDS_SEED_WIDTHS = ("random", "scratch")
 PEER = Path(__file__).resolve().parent / "torch_pruning_peer.py"
 
@@ -65,14 +69,14 @@ PRESETS = {
                     {"vgg16": (0.5, 0.76)}, "tiny: 1/8-width VGG-16, 256 train / 128 test images, 2 epochs, fp32"),
     # Hours on a 2-core CPU: the whole CIFAR-10 training set, 4 epochs of one-cycle (compress's cpu
     # preset otherwise: batch 256, lr 0.1, Nesterov, wd 5e-4, bf16). Test-set evaluation only at the
-    # end of each run (a full-test-set evaluation of VGG-16 costs ~15-30 s here; 30 runs x 4 epochs
-    # would add ~45 min). Cost: ~22 dense-VGG-16-epoch equivalents per budget epoch over the 30 runs
+    # end of each run (a full-test-set evaluation of VGG-16 costs ~15-30 s here; 34 runs x 4 epochs
+    # would add ~50 min). Cost: ~24 dense-VGG-16-epoch equivalents per budget epoch over the 34 runs
     # (one-shot methods train dense half the time, seed ~80 %, slim nets 1.5-4x faster); at
-    # ~300 img/s, 167 s per dense epoch: ~65 min per budget epoch, ~4.5-5 h for 4 epochs incl.
+    # ~300 img/s, 167 s per dense epoch: ~70 min per budget epoch, ~5-5.5 h for 4 epochs incl.
     # evaluation and export of the run folders, on an otherwise idle host.
     "cpu": Preset("cpu", ("--epochs", "4", "--eval-every", "4"),
                   {"vgg16": (0.5, 0.76, 0.9), "resnet56": (0.5,)},
-                  "full CIFAR-10 train/test, 4 epochs one-cycle, batch 256, lr 0.1, bf16 (~4.5-5 h on 2 idle cores)"),
+                  "full CIFAR-10 train/test, 4 epochs one-cycle, batch 256, lr 0.1, bf16 (~5-5.5 h on 2 idle cores)"),
     # The literature's GPU schedule (not meant for this host): 200 epochs, batch 64, lr 0.1 / 10 at 50 %
     # and 75 %, wd 1e-4, fp32 — compress's paper preset, unchanged.
     "paper": Preset("paper", (), {"vgg16": (0.5, 0.76, 0.9), "resnet56": (0.5,)},
@@ -131,8 +135,8 @@ def command(config: Config, preset_name: str, layout: Layout, data_dir: Optional
             extra: tuple) -> list[str]:
     preset = PRESETS[preset_name]
     out = layout.run(config)
-    if config.method == "torch-pruning":
-        cmd = [PYTHON, str(PEER)]
+    if config.method in PEER_IMPORTANCE:
+        cmd = [PYTHON, str(PEER), "--importance", PEER_IMPORTANCE[config.method]]
     else:
         cmd = [PYTHON, "-m", "compress", "--method", config.method]
     cmd += ["--preset", preset.compress_preset, "--model", config.model, "--out", str(out), "--no-progress"]

@@ -19,7 +19,7 @@ from benchmarks.torch_pruning_peer import classifier_names, prune_to_target
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-SMOKE_METHODS = "seed,random,torch-pruning"
+SMOKE_METHODS = "seed,random,torch-pruning,torch-pruning-taylor"
 
 
 def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -44,10 +44,11 @@ def smoke_results(tmp_path_factory, small_cifar_dir) -> Path:
 def test_methods_smoke_runs_every_configuration(smoke_results):
     result = json.loads((smoke_results / "methods.json").read_text())
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == ["vgg16-none", "vgg16-seed-f50", "vgg16-torch-pruning-f50", "vgg16-random-f50"]
+    assert list(rows) == ["vgg16-none", "vgg16-seed-f50", "vgg16-torch-pruning-f50", "vgg16-torch-pruning-taylor-f50",
+                          "vgg16-random-f50"]
     assert all(r["status"] == "done" for r in rows.values())
     assert rows["vgg16-none"]["flops_reduction"] == pytest.approx(0.0, abs=1e-9)
-    for name in ("vgg16-seed-f50", "vgg16-torch-pruning-f50"):
+    for name in ("vgg16-seed-f50", "vgg16-torch-pruning-f50", "vgg16-torch-pruning-taylor-f50"):
         assert abs(rows[name]["flops_reduction"] - 0.5) <= 0.01, name
         assert 0.0 <= rows[name]["top1"] <= 1.0
     # random pruning takes the seed run's per-layer widths
@@ -68,7 +69,7 @@ def test_methods_rerun_skips_finished_runs(smoke_results, small_cifar_dir):
     logs = {p.name: p.read_text() for p in (smoke_results / "logs").iterdir()}
     proc = run_script("methods.py", *methods_args(smoke_results, small_cifar_dir))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "4/4 configurations done" in proc.stdout
+    assert "5/5 configurations done" in proc.stdout
     assert (smoke_results / "wall_times.json").read_text() == walls       # nothing ran again
     assert {p.name: p.read_text() for p in (smoke_results / "logs").iterdir()} == logs
     sessions = json.loads((smoke_results / "methods.json").read_text())["sessions"]
@@ -86,7 +87,9 @@ def test_torch_pruning_run_folder_matches_compress_schema(smoke_results):
     assert set(seed) <= set(tp)
     assert tp["method"] == "torch-pruning" and tp["target"] == {"metric": "flops", "reduction": 0.5}
     assert tp["dense"]["flops"] == seed["dense"]["flops"]
-    assert 0 < tp["torch_pruning"]["pruning_ratio"] < 0.9
+    assert 0 < tp["torch_pruning"]["pruning_ratio"] < 0.9 and tp["torch_pruning"]["importance"] == "magnitude"
+    tp_taylor = json.loads((runs / "vgg16-torch-pruning-taylor-f50" / "report.json").read_text())
+    assert tp_taylor["torch_pruning"]["importance"] == "taylor"
     # weights + arch rebuild the network that model.pt2 holds
     folder = runs / "vgg16-torch-pruning-f50"
     model = rebuild(json.loads((folder / "arch.json").read_text()))
@@ -119,6 +122,14 @@ def test_methods_resumes_a_half_done_run(tmp_path):
     cmd = methods.command(config, "cpu", layout, None, ())
     assert "--resume" in cmd and "--force" not in cmd
     assert cmd[cmd.index("--target") + 1] == "flops=0.76" and cmd[cmd.index("--epochs") + 1] == "4"
+
+
+def test_methods_runs_the_peer_with_each_criterion(tmp_path):
+    layout = methods.Layout(tmp_path)
+    for method, importance in (("torch-pruning", "magnitude"), ("torch-pruning-taylor", "taylor")):
+        cmd = methods.command(methods.Config("resnet56", method, 0.5), "cpu", layout, None, ())
+        assert cmd[1] == str(methods.PEER) and cmd[cmd.index("--importance") + 1] == importance
+        assert cmd[cmd.index("--target") + 1] == "flops=0.5"
 
 
 def test_methods_plan_runs_seed_before_the_methods_that_take_its_widths():
