@@ -155,6 +155,12 @@ def command(config: Config, preset_name: str, layout: Layout, data_dir: Optional
     return cmd
 
 
+def wall_after(before: Optional[float], cmd: list[str], seconds: float) -> float:
+    """Wall time is summed over the sessions of one run; a run started afresh (its folder was
+    removed, or it died before its first checkpoint) starts again at 0."""
+    return round((before or 0.0) + seconds if "--resume" in cmd else seconds, 2)
+
+
 def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Optional[str], extra: tuple,
             dry_run: bool) -> dict[str, str]:
     """Run what is not done yet; returns {name: "done" | "ran" | "failed: ..." | "blocked: ..."}."""
@@ -181,7 +187,7 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
             status[c.name] = "pending"
             continue
         rc, seconds = run_logged(cmd, layout.log(c), pass_fds=(lock,))
-        walls[c.name] = round(walls.get(c.name, 0.0) + seconds, 2)   # summed over sessions
+        walls[c.name] = wall_after(walls.get(c.name), cmd, seconds)
         write_json(layout.walls, walls)
         if rc == 0 and is_done(layout.run(c)):
             status[c.name] = "ran"

@@ -70,7 +70,7 @@ class RunConfig:
     slimming_lambda: float = 1e-4
     taylor_batches: int = 64
     min_keep: float = 0.1                    # every group keeps at least this share (and >= 1 channel)
-    cost_power: float = 0.0                  # seed: rank channels by utility / resource**cost_power (BENCHMARKS.md)
+    cost_power: float = 0.0                  # rank channels by score / resource**cost_power (BENCHMARKS.md)
     redistribute: float = 0.1                # seed: s, share of a donor layer's spare channels moved per epoch
     redistribute_by: str = "utility"         # seed: layer significance xi (compress/prune/seed.py, BENCHMARKS.md)
     workers: int = 0                         # torch threads; 0 = torch's default
@@ -163,8 +163,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--slimming-lambda", type=float, help="slimming: L1 strength on BN scales (default 1e-4)")
     a("--taylor-batches", type=int, help="taylor: batches to accumulate the criterion over (default 64)")
     a("--min-keep", type=float, help="every group keeps at least this share of its channels (default 0.1)")
-    a("--cost-power", type=float, help="seed: rank channels by utility / (FLOPs or params saved)**P; "
-                                       "1 = per unit of resource, 0 = utility alone (default 0, measured better)")
+    a("--cost-power", type=float, help="seed, l1, slimming, taylor: rank channels by score / (FLOPs or params "
+                                       "saved)**P; 1 = per unit of resource, 0 = score alone (default 0, measured "
+                                       "better)")
     a("--redistribute", type=float, help="seed: s, the share of a low-significance layer's channels above the "
                                          "minimum width moved to other layers each epoch (default 0.1; 0 = never)")
     a("--redistribute-by", choices=["utility", "utility-per-cost"],

@@ -165,6 +165,7 @@ class OneShotPrune(Callback):
     metric: Optional[str] = None
     reduction: Optional[float] = None
     min_keep: float = 0.05
+    cost_power: float = 0.0                  # budget.select: 0 ranks by score alone, as the papers do
     budgets: Optional[dict[str, int]] = None
     pruned: bool = False
     dense_top1: Optional[float] = None
@@ -186,7 +187,7 @@ class OneShotPrune(Callback):
         if self.budgets is not None:
             masks = masks_from_budgets(scores, self.budgets)
         else:
-            masks = select(scores, self.cost, self.metric, self.reduction, self.min_keep)
+            masks = select(scores, self.cost, self.metric, self.reduction, self.min_keep, cost_power=self.cost_power)
         # Weight-based scores agree across ranks already; make sure every rank cuts the same channels.
         masks = {name: trainer.broadcast(m.to(trainer.device).to(torch.uint8)).bool().cpu()
                  for name, m in masks.items()}
@@ -317,7 +318,7 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
         check_reachable(cost, target["metric"], target["reduction"], cfg.min_keep)
     pruner = OneShotPrune(criterion, dense_epochs - 1, groups, cost, example,
                           metric=target and target["metric"], reduction=target and target["reduction"],
-                          min_keep=cfg.min_keep, budgets=budgets)
+                          min_keep=cfg.min_keep, cost_power=cfg.cost_power, budgets=budgets)
     return Plan(model, phases, [pruner], dense_counts, target, dense_top1=lambda log: pruner.dense_top1)
 
 

@@ -124,6 +124,12 @@ def test_methods_resumes_a_half_done_run(tmp_path):
     assert cmd[cmd.index("--target") + 1] == "flops=0.76" and cmd[cmd.index("--epochs") + 1] == "4"
 
 
+def test_methods_wall_time_adds_up_only_across_a_resumed_run():
+    assert methods.wall_after(100.0, ["compress", "--resume"], 50.0) == 150.0
+    assert methods.wall_after(100.0, ["compress", "--force"], 50.0) == 50.0
+    assert methods.wall_after(None, ["compress"], 12.345) == 12.35
+
+
 def test_methods_runs_the_peer_with_each_criterion(tmp_path):
     layout = methods.Layout(tmp_path)
     for method, importance in (("torch-pruning", "magnitude"), ("torch-pruning-taylor", "taylor")):

@@ -129,3 +129,19 @@ def test_init_loads_safetensors_weights_and_refuses_a_mismatch(tmp_path: Path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a readable"):
         _load_init(target, str(tmp_path / "junk.safetensors"))
+
+
+def test_one_shot_selection_ranks_by_score_alone_unless_told(tmp_path: Path, small_cifar_dir: Path):
+    """The one-shot baselines select with the same global rule as seed (`--cost-power`, default 0:
+    score alone, as l1/slimming/taylor's papers rank); 1 ranks per unit of FLOPs saved and, on the
+    same dense network, keeps other widths."""
+    widths = {}
+    for power in ("default", "1"):
+        out = tmp_path / f"l1-{power}"
+        extra = () if power == "default" else ("--cost-power", power)
+        compress_here(*tiny_args(small_cifar_dir, "--method", "l1", "--target", "flops=0.6", "--out", str(out), *extra))
+        report = report_of(out)
+        assert abs(report["achieved"]["flops_reduction"] - 0.6) <= 0.01
+        widths[power] = [layer["after"] for layer in report["layers"]]
+        assert report["config"]["cost_power"] == (0.0 if power == "default" else 1.0)
+    assert widths["default"] != widths["1"]
