@@ -71,6 +71,7 @@ class RunConfig:
     taylor_batches: int = 64
     min_keep: float = 0.1                    # every group keeps at least this share (and >= 1 channel)
     cost_power: float = 0.0                  # rank channels by score / resource**cost_power (BENCHMARKS.md)
+    round_to: int = 1                        # kept widths in multiples of this (1: any width; 8 suits SIMD kernels)
     redistribute: float = 0.1                # seed: s, share of a donor layer's spare channels moved per epoch
     redistribute_by: str = "utility"         # seed: layer significance xi (compress/prune/seed.py, BENCHMARKS.md)
     workers: int = 0                         # torch threads; 0 = torch's default
@@ -166,6 +167,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--cost-power", type=float, help="seed, l1, slimming, taylor: rank channels by score / (FLOPs or params "
                                        "saved)**P; 1 = per unit of resource, 0 = score alone (default 0, measured "
                                        "better)")
+    a("--round-to", type=int, help="seed, l1, slimming, taylor: keep every layer's width a multiple of N (or "
+                                   "whole); 8 or 16 fill a CPU's vector units better (default 1: any width)")
     a("--redistribute", type=float, help="seed: s, the share of a low-significance layer's channels above the "
                                          "minimum width moved to other layers each epoch (default 0.1; 0 = never)")
     a("--redistribute-by", choices=["utility", "utility-per-cost"],
@@ -248,6 +251,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--redistribute must be in [0, 1), got {cfg.redistribute}")
     if not 0 < cfg.min_keep < 1:
         raise UserError(f"--min-keep must be strictly between 0 and 1, got {cfg.min_keep}")
+    if cfg.round_to < 1:
+        raise UserError(f"--round-to must be an integer >= 1, got {cfg.round_to}")
     if cfg.init is not None:
         if not cfg.init.endswith(".safetensors"):
             raise UserError(f"--init {cfg.init!r}: only .safetensors weights are accepted (no pickle)")

@@ -166,6 +166,7 @@ class OneShotPrune(Callback):
     reduction: Optional[float] = None
     min_keep: float = 0.05
     cost_power: float = 0.0                  # budget.select: 0 ranks by score alone, as the papers do
+    round_to: int = 1                        # budget.select: kept widths in multiples of this
     budgets: Optional[dict[str, int]] = None
     pruned: bool = False
     dense_top1: Optional[float] = None
@@ -187,7 +188,8 @@ class OneShotPrune(Callback):
         if self.budgets is not None:
             masks = masks_from_budgets(scores, self.budgets)
         else:
-            masks = select(scores, self.cost, self.metric, self.reduction, self.min_keep, cost_power=self.cost_power)
+            masks = select(scores, self.cost, self.metric, self.reduction, self.min_keep, cost_power=self.cost_power,
+                           round_to=self.round_to)
         # Weight-based scores agree across ranks already; make sure every rank cuts the same channels.
         masks = {name: trainer.broadcast(m.to(trainer.device).to(torch.uint8)).bool().cpu()
                  for name, m in masks.items()}
@@ -266,12 +268,13 @@ def split_epochs(epochs: int, finetune_fraction: float, method: str) -> tuple[in
     return epochs - finetune, finetune
 
 
-def check_reachable(cost: ResourceModel, metric: str, reduction: float, min_keep: float) -> None:
-    best = max_reduction(cost, metric, min_keep)
+def check_reachable(cost: ResourceModel, metric: str, reduction: float, min_keep: float, round_to: int = 1) -> None:
+    best = max_reduction(cost, metric, min_keep, round_to)
     if reduction > best - 0.005:
+        rounded = f" rounded up to multiples of --round-to {round_to}" if round_to > 1 else ""
         raise UserError(f"target {metric}={reduction:g} is unreachable for this model: keeping only "
-                        f"--min-keep {min_keep:g} of every prunable group removes {best:.1%} of the {metric} "
-                        f"(layers that cannot be pruned keep the rest)")
+                        f"--min-keep {min_keep:g} of every prunable group{rounded} removes {best:.1%} of the "
+                        f"{metric} (layers that cannot be pruned keep the rest)")
 
 
 def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
@@ -315,10 +318,10 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
     else:
         criterion = {"l1": lambda: L1Norm(), "slimming": lambda: BNScale(cfg.slimming_lambda),
                      "taylor": lambda: Taylor(cfg.taylor_batches)}[method]()
-        check_reachable(cost, target["metric"], target["reduction"], cfg.min_keep)
+        check_reachable(cost, target["metric"], target["reduction"], cfg.min_keep, cfg.round_to)
     pruner = OneShotPrune(criterion, dense_epochs - 1, groups, cost, example,
                           metric=target and target["metric"], reduction=target and target["reduction"],
-                          min_keep=cfg.min_keep, cost_power=cfg.cost_power, budgets=budgets)
+                          min_keep=cfg.min_keep, cost_power=cfg.cost_power, round_to=cfg.round_to, budgets=budgets)
     return Plan(model, phases, [pruner], dense_counts, target, dense_top1=lambda log: pruner.dense_top1)
 
 
@@ -380,7 +383,8 @@ class SeedPrune(Callback):
         masks = self.pruner.masks
         if masks is None:  # a budget shorter than the warm-up: select once from what was seen
             c = self.pruner.config
-            masks = select(self.pruner.utility, self.cost, c.metric, c.reduction, c.min_keep, cost_power=c.cost_power)
+            masks = select(self.pruner.utility, self.cost, c.metric, c.reduction, c.min_keep, cost_power=c.cost_power,
+                           round_to=c.round_to)
         self.masker.remove()
         self.masker = None
         trainer.model = extract(trainer.model, self.groups, masks, self.example_input.to(trainer.device))
@@ -411,12 +415,13 @@ def seed_schedule(epochs: int, prune_warmup: float, prune_end: float) -> tuple[i
 def _seed_plan(cfg, model, dense_counts, target, example, steps_per_epoch: int) -> Plan:
     groups = find_groups(model, example, cfg.ignore)
     cost = ResourceModel(model, groups, example)
-    check_reachable(cost, target["metric"], target["reduction"], cfg.min_keep)
+    check_reachable(cost, target["metric"], target["reduction"], cfg.min_keep, cfg.round_to)
     prune_epochs = cfg.epochs - cfg.finetune_epochs
     warmup, freeze = seed_schedule(prune_epochs, cfg.prune_warmup, cfg.prune_end)
     config = SeedConfig.for_run(target["metric"], target["reduction"], prune_epochs, steps_per_epoch,
                                 warmup_steps=warmup * steps_per_epoch, freeze_at=freeze * steps_per_epoch,
-                                min_keep=cfg.min_keep, cost_power=cfg.cost_power, redistribute=cfg.redistribute,
+                                min_keep=cfg.min_keep, cost_power=cfg.cost_power, round_to=cfg.round_to,
+                                redistribute=cfg.redistribute,
                                 redistribute_by=cfg.redistribute_by)
     callback = SeedPrune(groups, cost, config, freeze - 1, example)
     # One learning-rate cycle over the prune epochs, whether the network is masked or already cut.

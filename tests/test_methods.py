@@ -145,3 +145,21 @@ def test_one_shot_selection_ranks_by_score_alone_unless_told(tmp_path: Path, sma
         widths[power] = [layer["after"] for layer in report["layers"]]
         assert report["config"]["cost_power"] == (0.0 if power == "default" else 1.0)
     assert widths["default"] != widths["1"]
+
+
+@pytest.mark.parametrize("method", ["seed", "l1"])
+def test_round_to_keeps_every_width_a_multiple(method: str, tmp_path: Path, small_cifar_dir: Path):
+    """--round-to 8: every pruned conv of the cut network keeps a multiple of 8 channels (or all
+    of them), and the run still lands on the target; a bad value is refused before training."""
+    out = tmp_path / method
+    compress_here(*tiny_args(small_cifar_dir, "--method", method, "--target", "flops=0.5", "--round-to", "8",
+                             "--out", str(out)))
+    report = report_of(out)
+    assert 0.5 <= report["achieved"]["flops_reduction"] <= 0.56
+    assert report["config"]["round_to"] == 8
+    assert all(layer["after"] % 8 == 0 or layer["after"] == layer["before"] for layer in report["layers"])
+    assert any(layer["after"] < layer["before"] for layer in report["layers"])
+    from compress.cli import main
+    assert main(tiny_args(small_cifar_dir, "--method", method, "--target", "flops=0.5", "--round-to", "0",
+                          "--out", str(tmp_path / "bad"))) == 2
+    assert not (tmp_path / "bad").exists()

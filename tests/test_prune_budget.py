@@ -141,3 +141,30 @@ def test_cost_power_zero_ranks_by_score_alone(metric):
     cut_high = max(cut(by_score, g) for g in groups if g.name not in low)
     assert all(cut(by_score, g) > cut_high for g in groups if g.name in low)
     assert any(not torch.equal(by_score[n], by_saving[n]) for n in by_score)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet56"])
+def test_round_to_keeps_multiples_and_meets_the_target(name):
+    """round_to=8: every group keeps a multiple of 8 channels (or stays whole), at least its
+    minimum width rounded up; the target is met, by less than one step of 8 channels over it;
+    the kept channels are each group's best-scored; budgets are rounded to allowed widths."""
+    groups, cost = prepared(name)
+    scores = random_scores(groups, seed=2)
+    for target in (0.5, 0.76):
+        masks = select(scores, cost, "flops", target, min_keep=0.1, round_to=8)
+        reached = achieved(cost, "flops", masks)
+        assert target <= reached <= target + 0.03, (target, reached)
+        for g in groups:
+            kept = int(masks[g.name].sum())
+            assert kept == g.size or (kept % 8 == 0 and kept >= max(8, 0.1 * g.size)), (g.name, kept)
+            dropped = scores[g.name][~masks[g.name]]
+            if len(dropped):
+                assert dropped.max() <= scores[g.name][masks[g.name]].min()
+    budgets = {g.name: g.size // 2 + 3 for g in groups}
+    masks = select(scores, cost, "flops", 0.5, min_keep=0.1, budgets=budgets, round_to=8)
+    assert 0.5 <= achieved(cost, "flops", masks)
+    assert all(int(m.sum()) % 8 == 0 or int(m.sum()) == g.size for g, m in zip(groups, masks.values()))
+    assert torch.equal(select(scores, cost, "flops", 0.5, 0.1, round_to=1)[groups[0].name],
+                       select(scores, cost, "flops", 0.5, 0.1)[groups[0].name])
+    with pytest.raises(UserError, match="round_to"):
+        select(scores, cost, "flops", 0.5, 0.1, round_to=0)

@@ -53,9 +53,13 @@ def min_counts(cost: ResourceModel, min_keep: int | float) -> np.ndarray:
     return np.array([max(1, math.ceil(min_keep * s - 1e-9)) for s in sizes], dtype=np.float64)
 
 
-def max_reduction(cost: ResourceModel, metric: str, min_keep: int | float) -> float:
-    """The largest reduction reachable with every group at its minimum width."""
-    return 1.0 - cost.resource(metric, min_counts(cost, min_keep)) / cost.dense(metric)
+def max_reduction(cost: ResourceModel, metric: str, min_keep: int | float, round_to: int = 1) -> float:
+    """The largest reduction reachable with every group at its minimum width (rounded up to a
+    multiple of `round_to`)."""
+    lowest = min_counts(cost, min_keep)
+    if round_to > 1:
+        lowest = np.array([_valid_counts(s, lo, round_to)[0] for s, lo in zip(cost.sizes, lowest)], dtype=np.float64)
+    return 1.0 - cost.resource(metric, lowest) / cost.dense(metric)
 
 
 def achieved(cost: ResourceModel, metric: str, masks: Mapping[str, torch.Tensor]) -> float:
@@ -74,15 +78,19 @@ def _addition_costs(cost: ResourceModel, metric: str, k: np.ndarray) -> np.ndarr
 
 def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str, reduction: float,
            min_keep: int | float, budgets: Mapping[str, int] | None = None,
-           cost_power: float = 0.0) -> dict[str, torch.Tensor]:
+           cost_power: float = 0.0, round_to: int = 1) -> dict[str, torch.Tensor]:
     """Boolean keep-masks per group meeting `reduction` of `metric` (see the module docstring).
     Channels are ranked by score / resource**cost_power: 1 = score per unit of FLOPs/params saved
     (thins the layers where a channel is expensive), 0 = score alone (the predecessor's global
     ranking; the budget only decides how far down the ranking to cut). 0 is the default: 1 cut
     whole layers in turn and lost 5-10 points of top-1 on VGG-16 (BENCHMARKS.md)."""
     reduction = check_target(metric, reduction)
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise UserError(f"round_to must be an integer >= 1, got {round_to!r}")
     lowest = min_counts(cost, min_keep)
-    reachable = max_reduction(cost, metric, min_keep)
+    if round_to > 1:
+        lowest = np.array([_valid_counts(s, lo, round_to)[0] for s, lo in zip(cost.sizes, lowest)], dtype=np.float64)
+    reachable = max_reduction(cost, metric, min_keep, round_to)
     if reduction > reachable + 1e-12:
         raise UserError(f"a {reduction:.1%} {metric} reduction is out of reach: with at least "
                         f"{min_keep} channel(s) kept per layer the most is {reachable:.1%} "
@@ -101,6 +109,10 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
         idx = np.argsort(s, kind="stable")
         order.append(idx)
         ranked.append(s[idx])
+
+    if round_to > 1:
+        k = _select_rounded(ranked, cost, metric, target, lowest, budgets, cost_power, round_to)
+        return _masks(cost, order, k)
 
     sizes = cost.sizes.astype(np.float64)
     if budgets is None:
@@ -146,6 +158,10 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
     k = fill_slack(remove_to_target(k))
     k = _tighten(k, cost, metric, target, sizes, lambda k, g: fill_slack(remove_to_target(k, frozen=g)))
 
+    return _masks(cost, order, k)
+
+
+def _masks(cost: ResourceModel, order: list, k: np.ndarray) -> dict[str, torch.Tensor]:
     masks = {}
     for i, name in enumerate(cost.names):
         keep = torch.ones(int(cost.sizes[i]), dtype=torch.bool)
@@ -153,6 +169,73 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
         keep[torch.as_tensor(removed, dtype=torch.long)] = False
         masks[name] = keep
     return masks
+
+
+def _valid_counts(size: int, lowest: float, round_to: int) -> list[int]:
+    """Widths a group may keep with `round_to`: multiples of it from the minimum width up, and
+    the whole group (whatever its size)."""
+    first = max(round_to, math.ceil(lowest / round_to) * round_to)
+    return sorted({c for c in range(first, int(size), round_to)} | {int(size)})
+
+
+def _select_rounded(ranked, cost, metric, target, lowest, budgets, cost_power, round_to) -> np.ndarray:
+    """Widths in multiples of `round_to` (vector units fill better; see BENCHMARKS.md, ResNet-56).
+    The same greedy as `select` in steps of one multiple: remove the step whose dropped channels
+    have the lowest mean score per resource saved**cost_power until under the target, then put
+    back the best steps that still fit. Lands at or under the target by less than one step."""
+    valid = [_valid_counts(s, lo, round_to) for s, lo in zip(cost.sizes, lowest)]
+    if budgets is None:
+        k = cost.sizes.astype(np.float64)
+    else:   # the nearest allowed width to each budget
+        k = np.array([min(v, key=lambda c: (abs(c - budgets.get(n, v[-1])), c))
+                      for n, v in zip(cost.names, valid)], dtype=np.float64)
+
+    def step_to(g: int, k: np.ndarray, down: bool) -> int | None:
+        v = valid[g]
+        i = v.index(int(k[g]))
+        j = i - 1 if down else i + 1
+        return v[j] if 0 <= j < len(v) else None
+
+    def value(g: int, k: np.ndarray, new: int) -> tuple[float, float]:
+        """(mean score of the channels the step moves, resource it changes)."""
+        gone_now, gone_new = int(cost.sizes[g] - k[g]), int(cost.sizes[g] - new)
+        lo, hi = sorted((gone_now, gone_new))
+        trial = k.copy()
+        trial[g] = new
+        delta = abs(cost.resource(metric, k) - cost.resource(metric, trial))
+        return float(np.mean(ranked[g][lo:hi])), float(delta)
+
+    while cost.resource(metric, k) > target:
+        best = None
+        for g in range(len(valid)):
+            new = step_to(g, k, down=True)
+            if new is None:
+                continue
+            score, saved = value(g, k, new)
+            if saved <= 0:
+                continue
+            priority = score / saved ** cost_power
+            if best is None or (priority, -saved) < best[0]:
+                best = ((priority, -saved), g, new)
+        if best is None:
+            break   # cannot happen when the target is reachable
+        k[best[1]] = best[2]
+    while True:   # spend the slack on the best steps that still fit
+        current = cost.resource(metric, k)
+        best = None
+        for g in range(len(valid)):
+            new = step_to(g, k, down=False)
+            if new is None:
+                continue
+            score, added = value(g, k, new)
+            if current + added > target:
+                continue
+            priority = score / max(added, 1e-12) ** cost_power
+            if best is None or priority > best[0]:
+                best = (priority, g, new)
+        if best is None:
+            return k
+        k[best[1]] = best[2]
 
 
 def _tighten(k, cost, metric, target, sizes, settle, rounds: int = 20, good_enough: float = 0.001):

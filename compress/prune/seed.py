@@ -77,6 +77,7 @@ class SeedConfig:
     freeze_at: int | None = None     # step after which masks no longer change (None: never)
     cost_power: float = 0.0          # rank channels by utility / resource**cost_power (budget.select); measured: 0 beats 1
     redistribute_by: str = "utility"  # layer significance xi: "utility" (measured better) or "utility-per-cost"
+    round_to: int = 1                # kept widths in multiples of this (budget.select)
 
     @classmethod
     def for_run(cls, metric: str, reduction: float, epochs: int, steps_per_epoch: int, **overrides) -> SeedConfig:
@@ -147,7 +148,7 @@ class SeedPruner:
             return None
         if self.masks is None:
             return self._apply(budget.select(self.utility, self.cost, cfg.metric, cfg.reduction, cfg.min_keep,
-                                             cost_power=cfg.cost_power))
+                                             cost_power=cfg.cost_power, round_to=cfg.round_to))
         # Counted from the first masked step, so a change due at an epoch boundary (the first
         # selection, each redistribution) lands on the first step of the next epoch, not the last of
         # this one: the evaluation in between would see the new masks through BN running statistics
@@ -164,7 +165,7 @@ class SeedPruner:
     def _select(self) -> dict[str, torch.Tensor]:
         cfg = self.config
         return budget.select(self.utility, self.cost, cfg.metric, cfg.reduction, cfg.min_keep, budgets=self.budgets,
-                             cost_power=cfg.cost_power)
+                             cost_power=cfg.cost_power, round_to=cfg.round_to)
 
     def _apply(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         changed = self.masks is None or any(not torch.equal(masks[n], self.masks[n]) for n in masks)
