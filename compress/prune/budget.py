@@ -56,10 +56,15 @@ def min_counts(cost: ResourceModel, min_keep: int | float) -> np.ndarray:
 def max_reduction(cost: ResourceModel, metric: str, min_keep: int | float, round_to: int = 1) -> float:
     """The largest reduction reachable with every group at its minimum width (rounded up to a
     multiple of `round_to`)."""
+    return 1.0 - cost.resource(metric, _lowest(cost, min_keep, round_to)) / cost.dense(metric)
+
+
+def _lowest(cost: ResourceModel, min_keep: int | float, round_to: int) -> np.ndarray:
+    """`min_counts`, rounded up to the first width `round_to` allows."""
     lowest = min_counts(cost, min_keep)
     if round_to > 1:
         lowest = np.array([_valid_counts(s, lo, round_to)[0] for s, lo in zip(cost.sizes, lowest)], dtype=np.float64)
-    return 1.0 - cost.resource(metric, lowest) / cost.dense(metric)
+    return lowest
 
 
 def achieved(cost: ResourceModel, metric: str, masks: Mapping[str, torch.Tensor]) -> float:
@@ -87,9 +92,7 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
     reduction = check_target(metric, reduction)
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise UserError(f"round_to must be an integer >= 1, got {round_to!r}")
-    lowest = min_counts(cost, min_keep)
-    if round_to > 1:
-        lowest = np.array([_valid_counts(s, lo, round_to)[0] for s, lo in zip(cost.sizes, lowest)], dtype=np.float64)
+    lowest = _lowest(cost, min_keep, round_to)
     reachable = max_reduction(cost, metric, min_keep, round_to)
     if reduction > reachable + 1e-12:
         raise UserError(f"a {reduction:.1%} {metric} reduction is out of reach: with at least "
@@ -205,37 +208,28 @@ def _select_rounded(ranked, cost, metric, target, lowest, budgets, cost_power, r
         delta = abs(cost.resource(metric, k) - cost.resource(metric, trial))
         return float(np.mean(ranked[g][lo:hi])), float(delta)
 
-    while cost.resource(metric, k) > target:
-        best = None
+    def steps(k: np.ndarray, down: bool):
+        """(group, new width, mean score of the channels moved, resource changed) per possible step."""
         for g in range(len(valid)):
-            new = step_to(g, k, down=True)
-            if new is None:
-                continue
-            score, saved = value(g, k, new)
-            if saved <= 0:
-                continue
-            priority = score / saved ** cost_power
-            if best is None or (priority, -saved) < best[0]:
-                best = ((priority, -saved), g, new)
-        if best is None:
+            new = step_to(g, k, down)
+            if new is not None:
+                yield (g, new, *value(g, k, new))
+
+    while cost.resource(metric, k) > target:
+        options = [(score / saved ** cost_power, -saved, g, new)
+                   for g, new, score, saved in steps(k, down=True) if saved > 0]
+        if not options:
             break   # cannot happen when the target is reachable
-        k[best[1]] = best[2]
+        _, _, g, new = min(options, key=lambda o: o[:2])
+        k[g] = new
     while True:   # spend the slack on the best steps that still fit
         current = cost.resource(metric, k)
-        best = None
-        for g in range(len(valid)):
-            new = step_to(g, k, down=False)
-            if new is None:
-                continue
-            score, added = value(g, k, new)
-            if current + added > target:
-                continue
-            priority = score / max(added, 1e-12) ** cost_power
-            if best is None or priority > best[0]:
-                best = (priority, g, new)
-        if best is None:
+        options = [(score / max(added, 1e-12) ** cost_power, g, new)
+                   for g, new, score, added in steps(k, down=False) if current + added <= target]
+        if not options:
             return k
-        k[best[1]] = best[2]
+        _, g, new = max(options, key=lambda o: o[0])
+        k[g] = new
 
 
 def _tighten(k, cost, metric, target, sizes, settle, rounds: int = 20, good_enough: float = 0.001):
