@@ -11,7 +11,8 @@ learning-rate cycle. Torch-Pruning prunes by a *channel* ratio, not a FLOPs targ
 ratio is bisected (each trial prunes a fresh copy of the trained dense network and is counted with
 compress.flops.count) until the FLOPs (or params) reduction is within 0.5 pp of the target.
 
-Every compress option is accepted (`python -m compress --help`); the run folder is the same as
+Every compress option is accepted (`python -m compress --help`) except the two selection rules
+Torch-Pruning has no counterpart for, --cost-power and --round-to, which are refused; the run folder is the same as
 compress writes (docs/formats.md §1: report.json with method "torch-pruning", model.pt2,
 weights.safetensors + arch.json, train_log.csv, calib.npz, test.npz, channels.png), built in
 OUT.partial with a checkpoint after every epoch, so `--resume` continues a killed run and the
@@ -213,6 +214,15 @@ def resolve(args) -> tuple[compress_cli.RunConfig, str]:
         raise UserError("--target flops=R or params=R is required: the reduction Torch-Pruning must reach")
     args.method = "l1"       # validated exactly as compress's one-shot methods are
     cfg = compress_cli.resolve(args)
+    # compress's selection options that Torch-Pruning has no counterpart for: refused, not ignored.
+    if cfg.cost_power != 0:
+        raise UserError("--cost-power is compress's selection rule; Torch-Pruning ranks by its importance alone")
+    if cfg.round_to != 1:
+        # BasePruner's own round_to rounds each layer down after its global ranking and skips a layer
+        # it would empty: the FLOPs cut is then not monotonic in the ratio (1/4-width VGG-16, round_to=8:
+        # ratio 0.8 -> -75 %, 0.9 -> -53 %), so no target can be bisected to.
+        raise UserError("--round-to is not supported for Torch-Pruning: its rounding makes the FLOPs cut "
+                        "non-monotonic in the pruning ratio, so the target cannot be searched for")
     return replace(cfg, method=METHOD), importance
 
 

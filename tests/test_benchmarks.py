@@ -156,6 +156,19 @@ def test_methods_bad_input_is_one_line_exit_2(args, message, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flag, message", [
+    ("--round-to=8", "--round-to is not supported for Torch-Pruning"),
+    ("--cost-power=1", "--cost-power is compress's selection rule"),
+])
+def test_torch_pruning_peer_refuses_compress_options_it_cannot_honour(flag, message, tmp_path, small_cifar_dir):
+    out = tmp_path / "tp"
+    proc = run_script("torch_pruning_peer.py", "--out", str(out), "--model", "vgg16", "--width", "0.125",
+                      "--target", "flops=0.5", "--preset", "smoke", "--data-dir", str(small_cifar_dir), flag)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not out.with_name("tp.partial").exists()
+
+
 @pytest.mark.slow
 def test_latency_vs_flops_smoke(smoke_results, tmp_path):
     runs = smoke_results / "runs"
