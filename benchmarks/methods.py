@@ -161,6 +161,12 @@ def wall_after(before: Optional[float], cmd: list[str], seconds: float) -> float
     return round((before or 0.0) + seconds if "--resume" in cmd else seconds, 2)
 
 
+def known_wall(recorded: Optional[float], train_seconds: float) -> Optional[float]:
+    """The recorded wall time, or None when it cannot be the whole run: a session that ended while a
+    run was training never recorded its part (the training time, summed in the checkpoints, still is)."""
+    return recorded if recorded is not None and recorded >= train_seconds else None
+
+
 def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Optional[str], extra: tuple,
             dry_run: bool) -> dict[str, str]:
     """Run what is not done yet; returns {name: "done" | "ran" | "failed: ..." | "blocked: ..."}."""
@@ -216,7 +222,7 @@ def collect(configs: list[Config], layout: Layout, status: dict[str, str]) -> li
                        flops_reduction=r["achieved"]["flops_reduction"],
                        params_reduction=r["achieved"]["params_reduction"],
                        epochs=r["epochs"], train_seconds=r["seconds"],
-                       wall_seconds=walls.get(c.name, r.get("wall_seconds")))
+                       wall_seconds=known_wall(walls.get(c.name, r.get("wall_seconds")), r["seconds"]))
         rows.append(row)
     return rows
 
@@ -233,7 +239,8 @@ def markdown(result: dict) -> str:
              f"{' '.join(result['flags'])}`", "",
              "Top-1 is measured in fp32 on the compact network after the whole budget; FLOPs are "
              "multiply-accumulates of conv/linear layers (compress.flops). `random` and `scratch` use the "
-             "seed run's per-layer widths. Wall time is summed over sessions.", ""]
+             "seed run's per-layer widths. Train time is summed over sessions; wall time too, and left blank "
+             "where a session ended mid-run without recording its part.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         dense = dense_reference(rows, model)
         lines += [f"## {model}" + (f" (dense reference top-1 {dense:.4f})" if dense is not None else ""), "",

@@ -130,6 +130,12 @@ def test_methods_wall_time_adds_up_only_across_a_resumed_run():
     assert methods.wall_after(None, ["compress"], 12.345) == 12.35
 
 
+def test_methods_wall_time_is_blank_when_a_session_lost_part_of_it():
+    assert methods.known_wall(500.0, 480.0) == 500.0
+    assert methods.known_wall(128.0, 1500.0) is None    # killed after epoch 3, resumed for epoch 4
+    assert methods.known_wall(None, 10.0) is None
+
+
 def test_methods_runs_the_peer_with_each_criterion(tmp_path):
     layout = methods.Layout(tmp_path)
     for method, importance in (("torch-pruning", "magnitude"), ("torch-pruning-taylor", "taylor")):
