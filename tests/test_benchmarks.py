@@ -224,3 +224,36 @@ def test_methods_refuses_a_results_folder_another_session_holds(tmp_path, small_
         os.close(fd)
     assert proc.returncode == 2 and "in use by another session" in proc.stderr
     assert not (results / "runs").exists()
+
+
+def test_export_times_measures_every_format_of_a_real_run(trained_run, tmp_path):
+    out = tmp_path / "export-times"
+    # The ONNX pair only: every format's build is export's own function, tested in test_export.py;
+    # the TFLite converters would add minutes here.
+    proc = run_script("export_times.py", str(trained_run), "--formats", "onnx,onnx-int8", "--repeat", "2",
+                      "--calib", "32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "export_times.json").read_text())
+    (run,) = result["runs"].values()
+    assert set(run["formats"]) == {"onnx", "onnx-int8"}
+    for fmt in run["formats"].values():
+        assert len(fmt["builds_s"]) == 2 and fmt["build_s"] > 0 and fmt["eval_s"] > 0 and fmt["bytes"] > 0
+        assert fmt["top1"] > 0.2        # the fixture's tiny CNN is ~40 %; a broken export is ~10 %
+    assert "| onnx-int8 |" in (out / "export_times.md").read_text()
+    assert (out / "export_times.png").stat().st_size > 0
+    assert result["meta"]["machine"]["cpu"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--formats", "onnx,coreml"], "unknown coreml"),
+    (["--repeat", "0"], "at least 1"),
+    (["{missing}"], "missing"),
+])
+def test_export_times_bad_input_is_one_line_exit_2(args, message, trained_run, tmp_path):
+    argv = [str(tmp_path / "missing") if a == "{missing}" else a for a in args]
+    if argv[0].startswith("--"):
+        argv = [str(trained_run), *argv]
+    proc = run_script("export_times.py", *argv, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
