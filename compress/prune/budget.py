@@ -93,7 +93,7 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise UserError(f"round_to must be an integer >= 1, got {round_to!r}")
     lowest = _lowest(cost, min_keep, round_to)
-    reachable = max_reduction(cost, metric, min_keep, round_to)
+    reachable = 1.0 - cost.resource(metric, lowest) / cost.dense(metric)   # max_reduction, from `lowest`
     if reduction > reachable + 1e-12:
         raise UserError(f"a {reduction:.1%} {metric} reduction is out of reach: with at least "
                         f"{min_keep} channel(s) kept per layer the most is {reachable:.1%} "
