@@ -51,20 +51,21 @@ def time_format(run, program, max_batch: int, name: str, n_calib: int, repeat: i
 
     fmt = FORMATS[name]
     builds = []
-    for i in range(repeat):
-        with tempfile.TemporaryDirectory(prefix="export-times-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="export-times-") as tmp:
+        for i in range(repeat):  # each build in a fresh folder: nothing cached from the one before
+            scratch = Path(tmp) / str(i)
+            scratch.mkdir()
             ctx = Context(run=run, program=program, calib_x=run.calib.x[:n_calib], calib_y=run.calib.y[:n_calib],
-                          scratch=Path(tmp), max_batch=max_batch)
-            file = Path(tmp) / fmt.file
+                          scratch=scratch, max_batch=max_batch)
+            file = scratch / fmt.file
             started = time.perf_counter()
             fmt.build(ctx, file)
             builds.append(time.perf_counter() - started)
             bar.update(1)
-            if i == repeat - 1:
-                started = time.perf_counter()
-                logits = evaluate(fmt.runner(file, run.preprocess), run)
-                eval_s = time.perf_counter() - started
-                size = file.stat().st_size
+        started = time.perf_counter()
+        logits = evaluate(fmt.runner(file, run.preprocess), run)
+        eval_s = time.perf_counter() - started
+        size = file.stat().st_size
     return {"build_s": statistics.median(builds), "build_first_s": builds[0], "build_min_s": min(builds),
             "builds_s": [round(b, 3) for b in builds], "eval_s": eval_s, "bytes": size,
             "top1": float((logits.argmax(1) == run.test.y).mean())}
