@@ -267,21 +267,41 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
     for ax, model in zip(axes[0], models):
-        for method in METHODS:
-            pts = sorted((r["flops_reduction"], r["top1"]) for r in rows if r["model"] == model and r["method"] == method)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[method], label=method)
+        pruned = [r for r in rows if r["model"] == model and r["method"] != "none"]
         dense = dense_reference(rows, model)
-        if dense is not None:
-            ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense (same budget)")
+        if len({r["target"] for r in pruned}) == 1:
+            _bars(ax, pruned, dense, colors)  # one target: a line per method would be a dot per method
+        else:
+            for method in METHODS:
+                pts = sorted((r["flops_reduction"], r["top1"]) for r in pruned if r["method"] == method)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[method], label=method)
+            if dense is not None:
+                ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense (same budget)")
+            ax.set_xlabel("achieved FLOPs reduction")
+            ax.set_ylabel("top-1 (CIFAR-10 test)")
+            ax.legend(fontsize=8)
         ax.set_title(model)
-        ax.set_xlabel("achieved FLOPs reduction")
-        ax.set_ylabel("top-1 (CIFAR-10 test)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     fig.suptitle(f"methods at the same epoch budget (preset {result['preset']})", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _bars(ax, rows: list[dict], dense: Optional[float], colors: dict) -> None:
+    """Top-1 per method at a model's single target, best at the top."""
+    rows = sorted(rows, key=lambda r: r["top1"])
+    ax.barh([r["method"] for r in rows], [r["top1"] for r in rows], color=[colors[r["method"]] for r in rows])
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['top1']:.4f} (FLOPs −{r['flops_reduction']:.1%})", (r["top1"], i),
+                    xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+    low = min([r["top1"] for r in rows] + ([dense] if dense is not None else []))
+    high = max([r["top1"] for r in rows] + ([dense] if dense is not None else []))
+    ax.set_xlim(max(0.0, low - 0.05), min(1.0, high + 0.06))
+    if dense is not None:
+        ax.axvline(dense, color="black", linestyle="--", linewidth=1, label="dense (same budget)")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel(f"top-1 (CIFAR-10 test) at {rows[0]['target']:.0%} FLOPs reduction target")
 
 
 def write_outputs(result: dict, root: Path) -> None:

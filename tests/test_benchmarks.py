@@ -136,6 +136,25 @@ def test_methods_wall_time_is_blank_when_a_session_lost_part_of_it():
     assert methods.known_wall(None, 10.0) is None
 
 
+def test_methods_plot_draws_a_line_per_method_over_targets_and_bars_for_a_single_target(monkeypatch, tmp_path):
+    def row(model, method, target, top1):
+        return {"model": model, "method": method, "target": target, "top1": top1,
+                "flops_reduction": target or 0.0}
+    rows = [row("vgg16", "none", None, 0.84), row("resnet56", "none", None, 0.77)]
+    rows += [row("vgg16", m, t, 0.8 - t / 10) for m in ("seed", "l1") for t in (0.5, 0.76, 0.9)]
+    rows += [row("resnet56", m, 0.5, acc) for m, acc in (("seed", 0.70), ("slimming", 0.73), ("l1", 0.71))]
+    figures = []
+    monkeypatch.setattr(methods, "save_figure", lambda fig, path: figures.append(fig))
+    methods.plot({"rows": rows, "preset": "cpu"}, tmp_path / "methods.png")
+    vgg, resnet = figures[0].axes
+    assert [line.get_label() for line in vgg.get_lines()] == ["seed", "l1", "dense (same budget)"]
+    assert list(vgg.get_lines()[0].get_xdata()) == [0.5, 0.76, 0.9]
+    # one target: a bar per method, best on top, and the dense line
+    assert [t.get_text() for t in resnet.get_yticklabels()] == ["seed", "l1", "slimming"]
+    assert [round(p.get_width(), 2) for p in resnet.patches] == [0.70, 0.71, 0.73]
+    assert resnet.get_lines()[0].get_xdata()[0] == 0.77
+
+
 def test_methods_runs_the_peer_with_each_criterion(tmp_path):
     layout = methods.Layout(tmp_path)
     for method, importance in (("torch-pruning", "magnitude"), ("torch-pruning-taylor", "taylor")):
