@@ -100,6 +100,33 @@ def test_torch_pruning_run_folder_matches_compress_schema(smoke_results):
         torch.testing.assert_close(model.eval()(x), program(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_training_curves_reads_real_runs(smoke_results, tmp_path):
+    runs = smoke_results / "runs"
+    proc = run_script("training_curves.py", str(runs / "vgg16-none"), str(runs / "vgg16-seed-f50"),
+                      "--out", str(tmp_path / "curves"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "curves" / "curves.json").read_text())
+    dense, seed = result["runs"]
+    assert (dense["method"], seed["method"]) == ("none", "seed") and len(seed["epochs"]) == 2
+    report = json.loads((runs / "vgg16-seed-f50" / "report.json").read_text())
+    assert seed["params"] == report["slim"]["params"] == seed["epochs"][-1]["params"] < dense["params"]
+    assert "| vgg16-seed-f50 | seed | 2 |" in (tmp_path / "curves" / "curves.md").read_text()
+    assert (tmp_path / "curves" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_curves_bad_input_is_one_line_exit_2(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text('{"name": "x", "slim": {}}')
+    (tmp_path / "run" / "train_log.csv").write_text("epoch,phase\n1,train\n")
+    for args, message in ((["--out", str(tmp_path / "o"), str(tmp_path / "missing")], "cannot read JSON"),
+                          (["--out", str(tmp_path / "o"), str(tmp_path / "run")], "not a compress train log")):
+        proc = run_script("training_curves.py", *args)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_prune_to_target_meets_flops_within_half_a_point():
     from compress.models import create_model
     model = create_model("vgg16", width=0.125).eval()
