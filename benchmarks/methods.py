@@ -295,9 +295,8 @@ def _bars(ax, rows: list[dict], dense: Optional[float], colors: dict) -> None:
     for i, r in enumerate(rows):
         ax.annotate(f"{r['top1']:.4f} (FLOPs −{r['flops_reduction']:.1%})", (r["top1"], i),
                     xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
-    low = min([r["top1"] for r in rows] + ([dense] if dense is not None else []))
-    high = max([r["top1"] for r in rows] + ([dense] if dense is not None else []))
-    ax.set_xlim(max(0.0, low - 0.05), min(1.0, high + 0.06))
+    shown = [r["top1"] for r in rows] + ([dense] if dense is not None else [])
+    ax.set_xlim(max(0.0, min(shown) - 0.05), min(1.0, max(shown) + 0.06))
     if dense is not None:
         ax.axvline(dense, color="black", linestyle="--", linewidth=1, label="dense (same budget)")
         ax.legend(fontsize=8, loc="lower right")
