@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from compress.provenance import code_version  # noqa: E402  (the repo's own code, not an installed copy)
+
 RESULTS = REPO / "benchmarks" / "results"
 PYTHON = sys.executable
 DEFAULT_DATA_DIR = Path("/work/shared/data")
@@ -78,7 +81,7 @@ def meta(argv: Optional[Sequence[str]] = None) -> dict:
     if script is not None and script.is_relative_to(REPO):
         script = script.relative_to(REPO)
     return {"command": shlex.join(["python", *([str(script)] if script else []), *args]),
-            "created": now_iso(), "machine": machine(), "versions": versions()}
+            "created": now_iso(), "machine": machine(), "versions": versions(), "code": code_version()}
 
 
 def meta_markdown(m: dict) -> list[str]:
@@ -89,7 +92,14 @@ def meta_markdown(m: dict) -> list[str]:
             f"- date: {m['created']}" + (f", finished {m['finished']}" if m.get("finished") else ""),
             f"- machine: {mach['cpu']}, {mach['cores_usable']}/{mach['cores']} cores, {mach['os']}"
             + (f", load average at start {load[0]:.2f}" if load else ""),
-            f"- versions: {pkgs}"]
+            f"- versions: {pkgs}",
+            f"- code: {_code_text(m.get('code'))}"]
+
+
+def _code_text(code: Optional[dict]) -> str:
+    if not code or not code.get("commit"):
+        return "not a git checkout" if code else "not recorded"
+    return code["commit"][:12] + (" (with uncommitted changes)" if code.get("dirty") else "")
 
 
 # ---------------------------------------------------------------------------------------------

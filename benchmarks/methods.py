@@ -4,23 +4,32 @@
     python benchmarks/methods.py --preset smoke --methods seed,random --targets 0.5
     python benchmarks/methods.py --preset cpu --dry-run           # what is done, what is left, the commands
     python benchmarks/methods.py --preset cpu --report-only       # aggregate what exists
+    python benchmarks/methods.py --preset cpu --seeds 0,1 --methods seed,uniform   # a second seed
+    python benchmarks/methods.py --preset long --methods torch-pruning,uniform --no-dense   # 30 epochs
 
-Every configuration (model, method, target) is one compress run folder in RESULTS/runs/NAME; the
-dense reference of each model is a `--method none` run with the same budget. A configuration whose
-folder holds report.json is skipped, a half-done one (NAME.partial/checkpoint.pt) is continued
-with `--resume`: rerun the same command in the next session and it picks up where it stopped.
-`random` and `scratch` take the per-layer widths of the seed run at the same target
-(`--widths-from`), so they run after it. `torch-pruning` and `torch-pruning-taylor` are
-benchmarks/torch_pruning_peer.py with `--importance magnitude` (group L2 norm) and `taylor`.
+Every configuration (model, method, target, seed) is one compress run folder in RESULTS/runs/NAME;
+the dense reference of each model is a `--method none` run with the same budget (`--no-dense` leaves
+it out). A finished run's report.json, arch.json and train_log.csv are copied to RESULTS/reports/NAME/
+(small, committed), so a later session, or a clone, skips it even without the run folder (weights are
+not committed); a half-done one (NAME.partial/checkpoint.pt) is continued with `--resume`: rerun the
+same command in the next session and it picks up where it stopped. `random` and `scratch` take the
+per-layer widths of the seed run at the same target and seed (`--widths-from`), so they run after it.
+`uniform` is the network thinned by one width share to the target and trained from scratch.
+`torch-pruning` and `torch-pruning-taylor` are benchmarks/torch_pruning_peer.py with
+`--importance magnitude` (group L2 norm) and `taylor`. Every run records the git commit it ran at.
 
-Writes RESULTS/methods.json, methods.md and methods.png (top-1 vs achieved FLOPs reduction, one line
-per method, the dense reference as a horizontal line); each run's output is in RESULTS/logs/NAME.log.
+Writes RESULTS/methods.json, methods.md (per method and target: mean top-1 over the seeds, their
+spread, every seed's value) and methods.png (top-1 vs achieved FLOPs reduction, a line per method,
+min-max bars over seeds, the dense reference as a horizontal line); each run's output is in
+RESULTS/logs/NAME.log.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shlex
+import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -47,7 +56,8 @@ from benchmarks.common import (  # noqa: E402
     write_text,
 )
 
-METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "torch-pruning", "torch-pruning-taylor")
+METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "uniform", "torch-pruning",
+           "torch-pruning-taylor")
 # The external peer with each of its two criteria that fit a one-shot FLOPs target: group L2 norm
 # (GroupMagnitudeImportance) and group first-order Taylor (GroupTaylorImportance).
 PEER_IMPORTANCE = {"torch-pruning": "magnitude", "torch-pruning-taylor": "taylor"}
@@ -77,6 +87,10 @@ PRESETS = {
     "cpu": Preset("cpu", ("--epochs", "4", "--eval-every", "4"),
                   {"vgg16": (0.5, 0.76, 0.9), "resnet56": (0.5,)},
                   "full CIFAR-10 train/test, 4 epochs one-cycle, batch 256, lr 0.1, bf16 (~5-5.5 h on 2 idle cores)"),
+    # The long budget: compress's cpu preset as it is (30 epochs one-cycle), the high targets only.
+    # 1-5 h per run on a 2-core CPU (dense VGG-16 ~106 min on a 2-core EPYC).
+    "long": Preset("cpu", (), {"vgg16": (0.76, 0.9)},
+                   "full CIFAR-10 train/test, 30 epochs one-cycle, batch 256, lr 0.1, bf16 (1-5 h per run)"),
     # The literature's GPU schedule (not meant for this host): 200 epochs, batch 64, lr 0.1 / 10 at 50 %
     # and 75 %, wd 1e-4, fp32 — compress's paper preset, unchanged.
     "paper": Preset("paper", (), {"vgg16": (0.5, 0.76, 0.9), "resnet56": (0.5,)},
@@ -89,22 +103,28 @@ class Config:
     model: str
     method: str                        # one of METHODS or "none" (the dense reference)
     target: Optional[float]            # FLOPs reduction; None for the dense reference
+    seed: int = 0                      # compress --seed (initialisation, data order)
 
     @property
     def name(self) -> str:
-        return f"{self.model}-{self.method}" + ("" if self.target is None else f"-f{round(self.target * 100):02d}")
+        return f"{self.model}-{self.method}" + ("" if self.target is None else f"-f{round(self.target * 100):02d}") \
+            + (f"-s{self.seed}" if self.seed else "")
 
 
-def plan(models: list[str], methods: list[str], targets: dict) -> list[Config]:
-    """Every configuration, in the order it must run: dense reference, then per target seed first."""
+def plan(models: list[str], methods: list[str], targets: dict, seeds: tuple = (0,),
+         dense: bool = True) -> list[Config]:
+    """Every configuration, in the order it must run: per seed the dense reference, then per target
+    the seed method first (random and scratch take its widths)."""
     configs = []
-    for model in models:
-        configs.append(Config(model, "none", None))
-        for t in targets[model]:
-            needs_seed = [m for m in methods if m in NEEDS_SEED_WIDTHS]
-            order = (["seed"] if methods and ("seed" in methods or needs_seed) else []) + \
-                [m for m in methods if m != "seed" and m not in NEEDS_SEED_WIDTHS] + needs_seed
-            configs += [Config(model, m, t) for m in order]
+    for seed in seeds:
+        for model in models:
+            if dense:
+                configs.append(Config(model, "none", None, seed))
+            for t in targets[model]:
+                needs_seed = [m for m in methods if m in NEEDS_SEED_WIDTHS]
+                order = (["seed"] if methods and ("seed" in methods or needs_seed) else []) + \
+                    [m for m in methods if m != "seed" and m not in NEEDS_SEED_WIDTHS] + needs_seed
+                configs += [Config(model, m, t, seed) for m in order]
     return configs
 
 
@@ -122,6 +142,17 @@ class Layout:
     def log(self, config: Config) -> Path:
         return self.root / "logs" / f"{config.name}.log"
 
+    def kept(self, config: Config) -> Path:
+        """The committed copy of a finished run's small files."""
+        return self.root / "reports" / config.name
+
+    def finished(self, config: Config) -> Optional[Path]:
+        """Where the finished run's report.json is (run folder first, else the kept copy), or None."""
+        for folder in (self.run(config), self.kept(config)):
+            if (folder / "report.json").is_file():
+                return folder
+        return None
+
     @property
     def walls(self) -> Path:
         return self.root / "wall_times.json"
@@ -129,6 +160,22 @@ class Layout:
 
 def is_done(folder: Path) -> bool:
     return (folder / "report.json").is_file()
+
+
+KEPT_FILES = ("report.json", "arch.json", "train_log.csv")
+
+
+def keep_copy(layout: Layout, config: Config) -> None:
+    """Copy the finished run's small files to RESULTS/reports/NAME (temp folder + rename)."""
+    src, dst = layout.run(config), layout.kept(config)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in KEPT_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, tmp / name)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
 
 
 def command(config: Config, preset_name: str, layout: Layout, data_dir: Optional[str],
@@ -140,8 +187,11 @@ def command(config: Config, preset_name: str, layout: Layout, data_dir: Optional
     else:
         cmd = [PYTHON, "-m", "compress", "--method", config.method]
     cmd += ["--preset", preset.compress_preset, "--model", config.model, "--out", str(out), "--no-progress"]
+    if config.seed:
+        cmd += ["--seed", str(config.seed)]
     if config.method in NEEDS_SEED_WIDTHS:
-        cmd += ["--widths-from", str(layout.run(Config(config.model, "seed", config.target)))]
+        seed_run = Config(config.model, "seed", config.target, config.seed)
+        cmd += ["--widths-from", str(layout.finished(seed_run) or layout.run(seed_run))]
     elif config.target is not None:
         cmd += ["--target", f"flops={config.target:g}"]
     if data_dir:
@@ -174,7 +224,7 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
 
     status: dict[str, str] = {}
     walls = read_json(layout.walls) if layout.walls.is_file() else {}
-    todo = [c for c in configs if not is_done(layout.run(c))]
+    todo = [c for c in configs if layout.finished(c) is None]
     for c in configs:
         if c not in todo:
             status[c.name] = "done"
@@ -183,8 +233,8 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
     bar = tqdm(todo, desc="methods", unit="run", disable=dry_run or not todo, dynamic_ncols=True)
     for c in bar:
         bar.set_postfix_str(c.name)
-        seed = Config(c.model, "seed", c.target)
-        if c.method in NEEDS_SEED_WIDTHS and not is_done(layout.run(seed)) and status.get(seed.name) != "pending":
+        seed = Config(c.model, "seed", c.target, c.seed)
+        if c.method in NEEDS_SEED_WIDTHS and layout.finished(seed) is None and status.get(seed.name) != "pending":
             status[c.name] = "blocked: the seed run at this target did not finish"
             continue
         cmd = command(c, preset, layout, data_dir, extra)
@@ -196,6 +246,7 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
         walls[c.name] = wall_after(walls.get(c.name), cmd, seconds)
         write_json(layout.walls, walls)
         if rc == 0 and is_done(layout.run(c)):
+            keep_copy(layout, c)
             status[c.name] = "ran"
         else:
             last = tail(layout.log(c), 1)
@@ -212,74 +263,117 @@ def collect(configs: list[Config], layout: Layout, status: dict[str, str]) -> li
     walls = read_json(layout.walls) if layout.walls.is_file() else {}
     rows = []
     for c in configs:
-        row = {"name": c.name, "model": c.model, "method": c.method, "target": c.target,
+        row = {"name": c.name, "model": c.model, "method": c.method, "target": c.target, "seed": c.seed,
                "status": status.get(c.name, "pending"), "run": str(layout.run(c))}
-        folder = layout.run(c)
-        if is_done(folder):
+        folder = layout.finished(c)
+        if folder is not None:
             r = read_json(folder / "report.json")
             row.update(status="done", top1=r["slim"]["top1"], dense_top1_at_prune=r["dense"]["top1"],
                        flops=r["slim"]["flops"], params=r["slim"]["params"],
                        flops_reduction=r["achieved"]["flops_reduction"],
                        params_reduction=r["achieved"]["params_reduction"],
                        epochs=r["epochs"], train_seconds=r["seconds"],
-                       wall_seconds=known_wall(walls.get(c.name, r.get("wall_seconds")), r["seconds"]))
+                       wall_seconds=known_wall(walls.get(c.name, r.get("wall_seconds")), r["seconds"]),
+                       code=r.get("code"), created=r.get("created"))
         rows.append(row)
     return rows
 
 
-def dense_reference(rows: list[dict], model: str) -> Optional[float]:
-    return next((r["top1"] for r in rows if r["model"] == model and r["method"] == "none" and "top1" in r), None)
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (model, method, target): mean top-1 over the finished seeds and its spread."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["model"], r["method"], r["target"]), []).append(r)
+    out = []
+    for (model, method, target), runs in cells.items():
+        done = [r for r in runs if "top1" in r]
+        entry = {"model": model, "method": method, "target": target, "n": len(done), "planned": len(runs)}
+        if done:
+            top1 = [r["top1"] for r in done]
+            entry.update(mean=statistics.fmean(top1), min=min(top1), max=max(top1),
+                         std=statistics.stdev(top1) if len(top1) > 1 else None,
+                         seeds={str(r["seed"]): r["top1"] for r in done},
+                         flops_reduction=statistics.fmean(r["flops_reduction"] for r in done),
+                         params_reduction=statistics.fmean(r["params_reduction"] for r in done),
+                         train_seconds=statistics.fmean(r["train_seconds"] for r in done))
+        out.append(entry)
+    return out
+
+
+def dense_reference(cells: list[dict], model: str) -> Optional[float]:
+    """Mean dense top-1 of `model` (from summarize's cells)."""
+    return next((c["mean"] for c in cells if c["model"] == model and c["method"] == "none" and c["n"]), None)
+
+
+def _spread(c: dict) -> str:
+    return f"{c['min']:.4f}–{c['max']:.4f}" if c["n"] > 1 else ""
 
 
 def markdown(result: dict) -> str:
-    rows = result["rows"]
+    rows, cells = result["rows"], summarize(result["rows"])
     lines = [f"# Pruning methods side by side: preset `{result['preset']}`", "",
              *meta_markdown(result["meta"]), f"- preset: {result['about']}",
              f"- compress flags for every run: `--preset {result['compress_preset']} "
              f"{' '.join(result['flags'])}`", "",
              "Top-1 is measured in fp32 on the compact network after the whole budget; FLOPs are "
              "multiply-accumulates of conv/linear layers (compress.flops). `random` and `scratch` use the "
-             "seed run's per-layer widths. Train time is summed over sessions; wall time too, and left blank "
-             "where a session ended mid-run without recording its part.", ""]
+             "seed run's per-layer widths (same seed); `uniform` thins every layer by one share. Mean over "
+             "the finished seeds, spread = lowest–highest. Train time is summed over sessions; wall time "
+             "too, and left blank where a session ended mid-run without recording its part.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
-        dense = dense_reference(rows, model)
+        dense = dense_reference(cells, model)
         lines += [f"## {model}" + (f" (dense reference top-1 {dense:.4f})" if dense is not None else ""), "",
-                  "| target | method | top-1 | vs dense | FLOPs red. | params red. | train min | wall min | status |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-        for r in (r for r in rows if r["model"] == model):
-            target = "dense" if r["target"] is None else f"{r['target']:.2f}"
-            if "top1" in r:
-                delta = "" if dense is None or r["method"] == "none" else f"{r['top1'] - dense:+.4f}"
-                wall = "" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.2f}"
-                lines.append(f"| {target} | {r['method']} | {r['top1']:.4f} | {delta} | {r['flops_reduction']:.3f} "
-                             f"| {r['params_reduction']:.3f} | {r['train_seconds'] / 60:.2f} | {wall} | done |")
-            else:
-                lines.append(f"| {target} | {r['method']} | | | | | | | {r['status'].replace('|', '/')} |")
+                  "| target | method | top-1 mean | spread | seeds | vs dense | FLOPs red. | params red. | train min |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in (c for c in cells if c["model"] == model):
+            target = "dense" if c["target"] is None else f"{c['target']:.2f}"
+            if not c["n"]:
+                lines.append(f"| {target} | {c['method']} | | | 0/{c['planned']} | | | | |")
+                continue
+            delta = "" if dense is None or c["method"] == "none" else f"{c['mean'] - dense:+.4f}"
+            lines.append(f"| {target} | {c['method']} | {c['mean']:.4f} | {_spread(c)} | {c['n']}/{c['planned']} "
+                         f"| {delta} | {c['flops_reduction']:.3f} | {c['params_reduction']:.3f} "
+                         f"| {c['train_seconds'] / 60:.2f} |")
         lines.append("")
-    lines += ["![top-1 vs FLOPs reduction](methods.png)", ""]
+    lines += ["## Every run", "",
+              "| run | seed | top-1 | FLOPs red. | params red. | train min | wall min | code | status |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        if "top1" in r:
+            wall = "" if r["wall_seconds"] is None else f"{r['wall_seconds'] / 60:.2f}"
+            code = (r.get("code") or {}).get("commit")
+            code = "" if not code else code[:10] + ("+dirty" if r["code"].get("dirty") else "")
+            lines.append(f"| {r['name']} | {r['seed']} | {r['top1']:.4f} | {r['flops_reduction']:.3f} "
+                         f"| {r['params_reduction']:.3f} | {r['train_seconds'] / 60:.2f} | {wall} | {code} | done |")
+        else:
+            lines.append(f"| {r['name']} | {r['seed']} | | | | | | | {r['status'].replace('|', '/')} |")
+    lines += ["", "![top-1 vs FLOPs reduction](methods.png)", ""]
     return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
     plt = pyplot()
-    rows = [r for r in result["rows"] if "top1" in r]
+    cells = [c for c in summarize(result["rows"]) if c["n"]]
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     colors = dict(zip(METHODS, plt.get_cmap("tab10").colors))
     for ax, model in zip(axes[0], models):
-        pruned = [r for r in rows if r["model"] == model and r["method"] != "none"]
-        dense = dense_reference(rows, model)
-        if len({r["target"] for r in pruned}) == 1:
+        pruned = [c for c in cells if c["model"] == model and c["method"] != "none"]
+        dense = dense_reference(cells, model)
+        if len({c["target"] for c in pruned}) == 1:
             _bars(ax, pruned, dense, colors)  # one target: a line per method would be a dot per method
         else:
             for method in METHODS:
-                pts = sorted((r["flops_reduction"], r["top1"]) for r in pruned if r["method"] == method)
+                pts = sorted((c["flops_reduction"], c["mean"], c["min"], c["max"]) for c in pruned
+                             if c["method"] == method)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[method], label=method)
+                    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                    err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+                    ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, color=colors[method], label=method)
             if dense is not None:
                 ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense (same budget)")
             ax.set_xlabel("achieved FLOPs reduction")
-            ax.set_ylabel("top-1 (CIFAR-10 test)")
+            ax.set_ylabel("top-1 (CIFAR-10 test), mean over seeds, min–max")
             ax.legend(fontsize=8)
         ax.set_title(model)
         ax.grid(alpha=0.3)
@@ -288,19 +382,21 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _bars(ax, rows: list[dict], dense: Optional[float], colors: dict) -> None:
-    """Top-1 per method at a model's single target, best at the top."""
-    rows = sorted(rows, key=lambda r: r["top1"])
-    ax.barh([r["method"] for r in rows], [r["top1"] for r in rows], color=[colors[r["method"]] for r in rows])
-    for i, r in enumerate(rows):
-        ax.annotate(f"{r['top1']:.4f} (FLOPs −{r['flops_reduction']:.1%})", (r["top1"], i),
+def _bars(ax, cells: list[dict], dense: Optional[float], colors: dict) -> None:
+    """Mean top-1 per method at a model's single target (min-max over seeds), best at the top."""
+    cells = sorted(cells, key=lambda c: c["mean"])
+    err = [[c["mean"] - c["min"] for c in cells], [c["max"] - c["mean"] for c in cells]]
+    ax.barh([c["method"] for c in cells], [c["mean"] for c in cells], xerr=err, capsize=3,
+            color=[colors[c["method"]] for c in cells])
+    for i, c in enumerate(cells):
+        ax.annotate(f"{c['mean']:.4f} (FLOPs −{c['flops_reduction']:.1%}, n={c['n']})", (c["max"], i),
                     xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
-    shown = [r["top1"] for r in rows] + ([dense] if dense is not None else [])
-    ax.set_xlim(max(0.0, min(shown) - 0.05), min(1.0, max(shown) + 0.06))
+    shown = [c["min"] for c in cells] + [c["max"] for c in cells] + ([dense] if dense is not None else [])
+    ax.set_xlim(max(0.0, min(shown) - 0.05), min(1.0, max(shown) + 0.08))
     if dense is not None:
         ax.axvline(dense, color="black", linestyle="--", linewidth=1, label="dense (same budget)")
         ax.legend(fontsize=8, loc="lower right")
-    ax.set_xlabel(f"top-1 (CIFAR-10 test) at {rows[0]['target']:.0%} FLOPs reduction target")
+    ax.set_xlabel(f"top-1 (CIFAR-10 test) at {cells[0]['target']:.0%} FLOPs reduction target")
 
 
 def write_outputs(result: dict, root: Path) -> None:
@@ -351,6 +447,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="results folder (default benchmarks/results/methods-PRESET)")
     p.add_argument("--data-dir", default=default_data_dir(), help="folder with cifar10.npz (default "
                    "$EDGESLIM_DATA or /work/shared/data; otherwise compress downloads CIFAR-10)")
+    p.add_argument("--seeds", default="0", help="comma list of compress --seed values (default 0)")
+    p.add_argument("--no-dense", action="store_true", help="leave out the dense reference run")
     p.add_argument("--compress-arg", action="append", default=[], metavar="FLAG",
                    help="extra flag for every run, e.g. --compress-arg=--workers=2 (repeatable; same for all methods)")
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run; run nothing")
@@ -381,7 +479,13 @@ def main(argv=None) -> int:
             raise BenchError(f"--results {root}: exists and is not a folder")
         data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
         layout = Layout(root.resolve())
-        configs = plan(models, methods, targets)
+        try:
+            seeds = tuple(int(t) for t in parse_list(args.seeds, "seeds"))
+        except ValueError:
+            raise BenchError(f"--seeds {args.seeds!r}: expected comma-separated integers like 0,1") from None
+        if any(v < 0 for v in seeds):
+            raise BenchError(f"--seeds {args.seeds!r}: seeds must be >= 0")
+        configs = plan(models, methods, targets, seeds, dense=not args.no_dense)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -399,7 +503,7 @@ def main(argv=None) -> int:
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result = {"benchmark": "methods", "preset": args.preset, "about": preset.about,
               "compress_preset": preset.compress_preset, "flags": list(preset.flags) + list(args.compress_arg),
-              "models": models, "methods": methods, "targets": targets, "meta": info,
+              "models": models, "methods": methods, "targets": targets, "seeds": list(seeds), "meta": info,
               "sessions": previous.get("sessions", []) + [info], "rows": collect(configs, layout, status)}
     write_outputs(result, root)
     done = sum("top1" in r for r in result["rows"])

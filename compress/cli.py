@@ -24,7 +24,7 @@ from typing import Optional
 from compress.errors import UserError
 from compress.presets import DEFAULT_PRESET, PRESETS
 
-METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "none")
+METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "uniform", "none")
 SCHEDULES = ("onecycle", "cosine", "step")
 # Options that may change when resuming: they do not change the result.
 RESUME_MAY_CHANGE = {"device", "workers", "progress", "data_dir"}

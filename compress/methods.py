@@ -12,6 +12,9 @@
               --taylor-batches batches, keep the most significant, fine-tune.
     random    dense training, then random channels at the per-layer widths of --widths-from RUN, fine-tune.
     scratch   the compact shape of --widths-from RUN, freshly initialised, trained for the whole budget.
+    uniform   what every user has without us: the network uniformly thinner (every prunable layer keeps the
+              same share of its channels, the share chosen to meet the target), trained from scratch for
+              the whole budget.
     none      dense training: the reference.
 
 The one-shot methods spend (1 - --finetune-fraction) of the epochs training dense and the rest
@@ -298,6 +301,10 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
         return Plan(model, [Phase("train", cfg.epochs)], [], dense_counts, None,
                     dense_top1=lambda log: _last_test_top1(log, "train"))
 
+    if method == "uniform":
+        return Plan(uniform_model(model, example, target, cfg), [Phase("train", cfg.epochs)], [], dense_counts,
+                    target)
+
     if method == "seed":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         steps = steps_per_epoch(len(data.y_train), cfg.batch_size, world)
@@ -323,6 +330,24 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
                           metric=target and target["metric"], reduction=target and target["reduction"],
                           min_keep=cfg.min_keep, cost_power=cfg.cost_power, round_to=cfg.round_to, budgets=budgets)
     return Plan(model, phases, [pruner], dense_counts, target, dense_top1=lambda log: pruner.dense_top1)
+
+
+def uniform_model(model: nn.Module, example: torch.Tensor, target: dict, cfg) -> nn.Module:
+    """`model` with every prunable group thinned by the same share, freshly initialised.
+
+    The share is found by the budgeted selection itself: each channel scores by its position in its
+    group (the first channels score highest), so the greedy removes the highest relative position
+    across all groups first, i.e. thins every group at the same rate, and stops at the target (one
+    width multiplier; the slack under the target is filled a channel at a time, so widths differ from
+    the common share by at most a channel or a --round-to step)."""
+    groups = find_groups(model, example, cfg.ignore)
+    cost = ResourceModel(model, groups, example)
+    check_reachable(cost, target["metric"], target["reduction"], cfg.min_keep, cfg.round_to)
+    positional = {g.name: 1.0 - (torch.arange(g.size, dtype=torch.float64) + 0.5) / g.size for g in groups}
+    masks = select(positional, cost, target["metric"], target["reduction"], cfg.min_keep, round_to=cfg.round_to)
+    slim = extract(model, groups, masks, example)
+    init_weights(slim)
+    return slim
 
 
 def budgets_from_arch(groups: list[ChannelGroup], arch: dict) -> dict[str, int]:

@@ -102,6 +102,7 @@ def write_run_folder(work: Path, slim: nn.Module, *, name: str, method: str, dat
     """Everything but train_log.csv/checkpoint.pt, into `work`; returns report.json's content.
     The FLOPs/params are compress.flops.count's on the extracted network."""
     from compress.flops import count
+    from compress.provenance import code_version
 
     hw = tuple(data.x_train.shape[1:3])
     input_shape = (1, 3, *hw)
@@ -144,6 +145,7 @@ def write_run_folder(work: Path, slim: nn.Module, *, name: str, method: str, dat
                   "mean": [float(v) for v in data.mean], "std": [float(v) for v in data.std]},
         "config": config,
         "toolchain": toolchain(),
+        "code": code_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_report(work / "report.json", summary)
