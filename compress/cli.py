@@ -23,6 +23,12 @@ from typing import Optional
 
 from compress.errors import UserError
 from compress.presets import DEFAULT_PRESET, PRESETS
+from compress.prune.seed_config import REDISTRIBUTE_BY, SCHEDULE, SeedConfig
+from compress.prune.targets import parse_target
+
+_SEED = SeedConfig()   # the seed method's defaults, for the help text
+SEED_ONLY = ("prune_warmup", "prune_ramp", "prune_end", "prune_settle", "prune_every", "prune_smoothing",
+             "soft_masks", "redistribute", "redistribute_by")
 
 METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "uniform", "none")
 SCHEDULES = ("onecycle", "cosine", "step")
@@ -65,15 +71,21 @@ class RunConfig:
     widths_from: Optional[str] = None
     finetune_fraction: float = 0.5           # l1/slimming/taylor/random: share of the budget spent fine-tuning
     finetune_epochs: int = 0                 # seed: epochs of plain fine-tuning after extraction
-    prune_warmup: float = 0.05               # seed: share of the budget trained dense before pruning
-    prune_end: float = 0.75                  # seed: share of the budget after which the masks are final
+    # seed: None = the method's default (compress/prune/seed.py SCHEDULE and SeedConfig, the one place)
+    prune_warmup: Optional[float] = None     # seed: share of the budget trained dense before pruning
+    prune_ramp: Optional[float] = None       # seed: share of the budget over which the target ramps in
+    prune_end: Optional[float] = None        # seed: share of the budget after which the masks are final
+    prune_settle: Optional[int] = None       # seed: epochs trained on the final masks before the cut
+    prune_every: Optional[int] = None        # seed: steps between mask updates
+    prune_smoothing: Optional[float] = None  # seed: eps, utility smoothing
+    soft_masks: Optional[bool] = None        # seed: switched-off channels fade out until the freeze
     slimming_lambda: float = 1e-4
     taylor_batches: int = 64
     min_keep: float = 0.1                    # every group keeps at least this share (and >= 1 channel)
     cost_power: float = 0.0                  # rank channels by score / resource**cost_power (BENCHMARKS.md)
     round_to: int = 1                        # kept widths in multiples of this (1: any width; 8 suits SIMD kernels)
-    redistribute: float = 0.1                # seed: s, share of a donor layer's spare channels moved per epoch
-    redistribute_by: str = "utility"         # seed: layer significance xi (compress/prune/seed.py, BENCHMARKS.md)
+    redistribute: Optional[float] = None     # seed: s, share of a donor layer's spare channels moved per epoch
+    redistribute_by: Optional[str] = None    # seed: layer significance xi (compress/prune/seed.py, BENCHMARKS.md)
     workers: int = 0                         # torch threads; 0 = torch's default
     progress: bool = True
 
@@ -84,23 +96,6 @@ class RunConfig:
     @property
     def target_reduction(self) -> Optional[float]:
         return None if self.target is None else float(self.target.split("=")[1])
-
-
-def _parse_target(text: str) -> Optional[str]:
-    if text.strip().lower() == "none":
-        return None
-    metric, sep, value = text.partition("=")
-    metric = metric.strip().lower()
-    if not sep or metric not in ("flops", "params"):
-        raise UserError(f"--target {text!r}: expected flops=R or params=R (R the reduction, 0 < R < 1)")
-    try:
-        r = float(value)
-    except ValueError:
-        raise UserError(f"--target {text!r}: {value!r} is not a number") from None
-    if not 0.0 < r < 1.0:
-        raise UserError(f"--target {text!r}: the reduction must be strictly between 0 and 1 "
-                        f"(0.76 removes 76 % of the {metric})")
-    return f"{metric}={r:g}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -159,8 +154,16 @@ def make_parser() -> argparse.ArgumentParser:
     a("--finetune-fraction", type=float, help="l1/slimming/taylor/random: share of the epochs spent "
                                               "fine-tuning after pruning (default 0.5)")
     a("--finetune-epochs", type=int, help="seed: epochs of fine-tuning after extraction (default 0)")
-    a("--prune-warmup", type=float, help="seed: share of the epochs trained dense first (default 0.05)")
-    a("--prune-end", type=float, help="seed: share of the epochs after which masks are final (default 0.75)")
+    a("--prune-warmup", type=float, help=f"seed: share of the steps trained dense first (default {SCHEDULE['warmup']})")
+    a("--prune-ramp", type=float, help="seed: share of the steps over which the target ramps in from 0 "
+                                       f"(default {SCHEDULE['ramp']}; 0 = the whole target at once)")
+    a("--prune-end", type=float, help=f"seed: share of the steps after which masks are final (default {SCHEDULE['end']})")
+    a("--prune-settle", type=int, help="seed: epochs trained on the final masks before they are cut out "
+                                       f"(default {SCHEDULE['settle_epochs']})")
+    a("--prune-every", type=int, help=f"seed: steps between mask updates (default {_SEED.update_every})")
+    a("--prune-smoothing", type=float, help=f"seed: eps in u <- eps*u + (1-eps)*Theta (default {_SEED.smoothing})")
+    _bool_flag(p, "soft-masks", "seed: switched-off channels fade out linearly until the masks are final, "
+                                "instead of dropping to 0 at once (default off)")
     a("--slimming-lambda", type=float, help="slimming: L1 strength on BN scales (default 1e-4)")
     a("--taylor-batches", type=int, help="taylor: batches to accumulate the criterion over (default 64)")
     a("--min-keep", type=float, help="every group keeps at least this share of its channels (default 0.1)")
@@ -170,10 +173,10 @@ def make_parser() -> argparse.ArgumentParser:
     a("--round-to", type=int, help="seed, l1, slimming, taylor: keep every layer's width a multiple of N (or "
                                    "whole); 8 or 16 fill a CPU's vector units better (default 1: any width)")
     a("--redistribute", type=float, help="seed: s, the share of a low-significance layer's channels above the "
-                                         "minimum width moved to other layers each epoch (default 0.1; 0 = never)")
-    a("--redistribute-by", choices=["utility", "utility-per-cost"],
-      help="seed: layer significance that picks donor and receiver layers: mean kept utility, or that "
-           "per unit of a channel's cost (default utility, measured better)")
+                                         f"minimum width moved to other layers each epoch (default {_SEED.redistribute}; "
+                                         "0 = never)")
+    a("--redistribute-by", help="seed: layer significance that picks donor and receiver layers: "
+                                f"{', '.join(REDISTRIBUTE_BY)} (default {_SEED.redistribute_by}; compress/prune/seed.py)")
     a("--workers", type=int, help="CPU threads for torch (default: torch's choice)")
     _bool_flag(p, "progress", "progress bars (default on)")
     a("--resume", action="store_true", help="continue the interrupted run in OUT.partial")
@@ -203,7 +206,7 @@ def resolve(args: argparse.Namespace) -> RunConfig:
         except (OSError, ValueError, KeyError, TypeError):
             pass  # validate() names the problem
     if values.get("target") is not None:
-        values["target"] = _parse_target(values["target"])
+        values["target"] = parse_target(values["target"])
     cfg = RunConfig(**values)
     validate(cfg)
     return cfg
@@ -245,10 +248,11 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--finetune-fraction must be strictly between 0 and 1, got {cfg.finetune_fraction}")
     if not 0 <= cfg.finetune_epochs < cfg.epochs:
         raise UserError(f"--finetune-epochs must be in [0, --epochs), got {cfg.finetune_epochs}")
-    if not 0 <= cfg.prune_warmup < cfg.prune_end <= 1:
-        raise UserError(f"need 0 <= --prune-warmup < --prune-end <= 1, got {cfg.prune_warmup}, {cfg.prune_end}")
-    if not 0 <= cfg.redistribute < 1:
-        raise UserError(f"--redistribute must be in [0, 1), got {cfg.redistribute}")
+    if cfg.method != "seed":
+        given = [f for f in SEED_ONLY if getattr(cfg, f) is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} is a seed-method option; --method {cfg.method} "
+                            f"does not use it")
     if not 0 < cfg.min_keep < 1:
         raise UserError(f"--min-keep must be strictly between 0 and 1, got {cfg.min_keep}")
     if cfg.round_to < 1:
@@ -339,7 +343,7 @@ def config_for_resume(args: argparse.Namespace, stored: dict) -> RunConfig:
         if given is None or f.name == "out":
             continue
         if f.name == "target":
-            given = _parse_target(given)
+            given = parse_target(given)
         if f.name == "ignore":
             given = tuple(n.strip() for n in given.split(",") if n.strip())
         if f.name in RESUME_MAY_CHANGE:
@@ -462,7 +466,7 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
         work, slim, name=cfg.name, method=cfg.method, data=data, num_classes=num_classes, target=plan.target,
         dense_counts=plan.dense_counts, dense_top1=dense_top1, slim_top1=slim_top1, arch=arch_of(slim, **spec),
         epochs=cfg.epochs, seconds=trainer.seconds, wall_seconds=time.time() - started,
-        config=config_as_dict(cfg), calib=cfg.calib, seed=cfg.seed)
+        config=config_as_dict(cfg), calib=cfg.calib, seed=cfg.seed, pruning=plan.pruning())
     publish(work, out)
     print(f"wrote {out}: top1 {slim_top1:.4f}, flops {summary['slim']['flops'] / 1e6:.2f}M "
           f"(-{summary['achieved']['flops_reduction']:.1%}), params {summary['slim']['params'] / 1e6:.3f}M "

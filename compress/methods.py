@@ -58,6 +58,7 @@ class Plan:
     target: Optional[dict]                     # {"metric", "reduction"} or None
     finish: Callable[[Trainer], nn.Module] = lambda trainer: trainer.model
     dense_top1: Callable[[list[dict]], Optional[float]] = lambda log: None
+    pruning: Callable[[], Optional[dict]] = lambda: None   # what report.json records of the pruning
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +377,7 @@ def _last_test_top1(log: list[dict], phase: str) -> Optional[float]:
 class SeedPrune(Callback):
     """Wires compress.prune.seed.SeedPruner into the trainer: after every backward the masker's
     Taylor significances (averaged over DDP ranks) feed the pruner, whose new masks take effect on
-    the next forward; at the end of epoch `extract_at` the masked channels are cut out."""
+    the next forward; at the end of epoch `extract_at` (0-based) the masked channels are cut out."""
 
     def __init__(self, groups: list[ChannelGroup], cost: ResourceModel, config: SeedConfig, extract_at: int,
                  example_input: torch.Tensor):
@@ -388,28 +389,23 @@ class SeedPrune(Callback):
     def on_train_start(self, trainer):
         if self.extracted:
             return
-        self.masker = ChannelMasker(trainer.model, self.groups, record=True)
-        self.masker.set(self.pruner.masks)
+        self.masker = ChannelMasker(trainer.model, self.groups, record=not self.pruner.frozen)
+        self.masker.set(self.pruner.masks, off=self.pruner.off_scale)
 
     def after_backward(self, trainer, step):
         if self.extracted:
             return
         world = trainer.dist.world_size
-        theta = self.masker.pop_taylor(reduce=lambda t: trainer.all_reduce_sum(t) / world)
+        theta = self.masker.pop_taylor(reduce=lambda t: trainer.all_reduce_sum(t) / world) if self.masker.record else None
         new = self.pruner.step(theta)
         if new is not None:
-            self.masker.set(new)
-        frozen = self.pruner.config.freeze_at is not None and self.pruner.steps > self.pruner.config.freeze_at
-        self.masker.record = not frozen   # the structure is final: stop paying for Taylor
+            self.masker.set(new, off=self.pruner.off_scale)
+        self.masker.record = not self.pruner.frozen   # the structure is final: stop paying for Taylor
 
     def on_epoch_end(self, trainer, epoch):
         if self.extracted or epoch != self.extract_at:
             return
         masks = self.pruner.masks
-        if masks is None:  # a budget shorter than the warm-up: select once from what was seen
-            c = self.pruner.config
-            masks = select(self.pruner.utility, self.cost, c.metric, c.reduction, c.min_keep, cost_power=c.cost_power,
-                           round_to=c.round_to)
         self.masker.remove()
         self.masker = None
         trainer.model = extract(trainer.model, self.groups, masks, self.example_input.to(trainer.device))
@@ -428,13 +424,14 @@ class SeedPrune(Callback):
         self.pruner.load_state_dict(state["pruner"])
 
 
-def seed_schedule(epochs: int, prune_warmup: float, prune_end: float) -> tuple[int, int]:
-    """(warm-up epochs, epoch at which the masks freeze) for a seed phase of `epochs` epochs.
-    The masks freeze at an epoch boundary after the warm-up, so the network can be extracted
-    there and the rest of the cycle trains the compact network (same function, less compute)."""
-    warmup = max(1, round(prune_warmup * epochs)) if epochs > 1 else 0
-    freeze = min(max(round(prune_end * epochs), warmup + 1), epochs)
-    return warmup, freeze
+def seed_config(cfg, target: dict, epochs: int, steps_per_epoch: int) -> SeedConfig:
+    """The seed method's config for a run: the CLI's knobs where given, seed.py's defaults otherwise."""
+    knobs = {"smoothing": cfg.prune_smoothing, "update_every": cfg.prune_every, "redistribute": cfg.redistribute,
+             "redistribute_by": cfg.redistribute_by, "soft": cfg.soft_masks}
+    return SeedConfig.for_run(target["metric"], target["reduction"], epochs, steps_per_epoch,
+                              warmup=cfg.prune_warmup, ramp=cfg.prune_ramp, end=cfg.prune_end,
+                              settle_epochs=cfg.prune_settle, min_keep=cfg.min_keep, cost_power=cfg.cost_power,
+                              round_to=cfg.round_to, **{k: v for k, v in knobs.items() if v is not None})
 
 
 def _seed_plan(cfg, model, dense_counts, target, example, steps_per_epoch: int) -> Plan:
@@ -442,17 +439,13 @@ def _seed_plan(cfg, model, dense_counts, target, example, steps_per_epoch: int) 
     cost = ResourceModel(model, groups, example)
     check_reachable(cost, target["metric"], target["reduction"], cfg.min_keep, cfg.round_to)
     prune_epochs = cfg.epochs - cfg.finetune_epochs
-    warmup, freeze = seed_schedule(prune_epochs, cfg.prune_warmup, cfg.prune_end)
-    config = SeedConfig.for_run(target["metric"], target["reduction"], prune_epochs, steps_per_epoch,
-                                warmup_steps=warmup * steps_per_epoch, freeze_at=freeze * steps_per_epoch,
-                                min_keep=cfg.min_keep, cost_power=cfg.cost_power, round_to=cfg.round_to,
-                                redistribute=cfg.redistribute,
-                                redistribute_by=cfg.redistribute_by)
-    callback = SeedPrune(groups, cost, config, freeze - 1, example)
+    config = seed_config(cfg, target, prune_epochs, steps_per_epoch)
+    cut = config.extract_epoch(steps_per_epoch)
+    callback = SeedPrune(groups, cost, config, cut - 1, example)
     # One learning-rate cycle over the prune epochs, whether the network is masked or already cut.
-    phases = [Phase("seed", freeze, cycle_epochs=prune_epochs)]
-    if freeze < prune_epochs:
-        phases.append(Phase("compact", prune_epochs - freeze, cycle_start=freeze, cycle_epochs=prune_epochs))
+    phases = [Phase("seed", cut, cycle_epochs=prune_epochs)]
+    if cut < prune_epochs:
+        phases.append(Phase("compact", prune_epochs - cut, cycle_start=cut, cycle_epochs=prune_epochs))
     if cfg.finetune_epochs:
         phases.append(Phase("finetune", cfg.finetune_epochs))
-    return Plan(model, phases, [callback], dense_counts, target)
+    return Plan(model, phases, [callback], dense_counts, target, pruning=callback.pruner.summary)

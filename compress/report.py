@@ -98,7 +98,7 @@ def write_report(path: Path, report: dict) -> None:
 def write_run_folder(work: Path, slim: nn.Module, *, name: str, method: str, data, num_classes: int,
                      target: dict | None, dense_counts, dense_top1: float | None, slim_top1: float, arch: dict,
                      epochs: int, seconds: float, wall_seconds: float, config: dict, calib: int,
-                     seed: int) -> dict:
+                     seed: int, pruning: dict | None = None) -> dict:
     """Everything but train_log.csv/checkpoint.pt, into `work`; returns report.json's content.
     The FLOPs/params are compress.flops.count's on the extracted network."""
     from compress.flops import count
@@ -144,6 +144,7 @@ def write_run_folder(work: Path, slim: nn.Module, *, name: str, method: str, dat
         "input": {"shape": list(input_shape), "layout": "NCHW", "dtype": "float32", "scale": SCALE,
                   "mean": [float(v) for v in data.mean], "std": [float(v) for v in data.std]},
         "config": config,
+        "pruning": pruning,
         "toolchain": toolchain(),
         "code": code_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -27,16 +27,8 @@ import numpy as np
 import torch
 
 from compress.errors import UserError
-from compress.prune.cost import METRICS, ResourceModel
-
-
-def check_target(metric: str, reduction) -> float:
-    if metric not in METRICS:
-        raise UserError(f"unknown target metric {metric!r}; choose one of {', '.join(METRICS)}")
-    if isinstance(reduction, bool) or not isinstance(reduction, (int, float)) or not 0 < reduction < 1:
-        raise UserError(f"target reduction must be a fraction strictly between 0 and 1 (e.g. 0.76 for "
-                        f"-76 % {metric}), got {reduction!r}")
-    return float(reduction)
+from compress.prune.cost import ResourceModel
+from compress.prune.targets import check_target
 
 
 def min_counts(cost: ResourceModel, min_keep: int | float) -> np.ndarray:

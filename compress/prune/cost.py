@@ -26,8 +26,7 @@ from torch import nn
 from compress.errors import UserError
 from compress.flops import forward_with_hooks
 from compress.prune.graph import ChannelGroup
-
-METRICS = ("flops", "params")
+from compress.prune.targets import METRICS
 
 
 class ResourceModel:

@@ -2,6 +2,7 @@
 
     masker = ChannelMasker(model, groups, record=True)
     masker.set(masks)                   # {group name: bool tensor}; None switches masking off
+    masker.set(masks, off=0.3)          # switched-off channels scaled by 0.3 instead of 0 (soft masks)
     loss.backward()
     theta = masker.pop_taylor()         # {group name: float tensor}, this mini-batch's significance
     masker.remove()
@@ -56,8 +57,9 @@ class ChannelMasker:
 
     # ------------------------------------------------------------------ masks
 
-    def set(self, masks: Mapping[str, torch.Tensor] | None) -> None:
-        """Switch channels off (False) per group; groups not named stay whole. None: no masking."""
+    def set(self, masks: Mapping[str, torch.Tensor] | None, off: float = 0.0) -> None:
+        """Switch channels off (False) per group; groups not named stay whole. None: no masking.
+        `off`: what a switched-off channel is multiplied by (0: gone, as cutting it does)."""
         if masks is None:
             self.masks, self._module_mask = None, {}
             return
@@ -74,7 +76,8 @@ class ChannelMasker:
                     continue
                 if vec is None:
                     vec = torch.ones(width, device=positions.device)
-                vec[positions] = mask.to(positions.device)[channels].float()
+                keep = mask.to(positions.device)[channels].float()
+                vec[positions] = keep + (1.0 - keep) * off
             if vec is not None:
                 full[module_name] = vec
         unknown = set(self.masks) - set(by_name)
@@ -107,9 +110,10 @@ class ChannelMasker:
 
     def _taylor(self, module_name: str, z: torch.Tensor, grad: torch.Tensor) -> None:
         with torch.no_grad():
-            per_sample = (grad.float() * z.float())
-            if per_sample.dim() > 2:
-                per_sample = per_sample.flatten(2).sum(2)  # (N, C): sum over h, w
+            if grad.dim() > 2:   # (N, C): sum over h, w, accumulated in float32 whatever the dtype
+                per_sample = (grad * z).flatten(2).sum(2, dtype=torch.float32)
+            else:
+                per_sample = grad.float() * z.float()
             for gi, positions, channels in self._plan[module_name]:
                 contrib = torch.zeros(per_sample.shape[0], self.groups[gi].size, device=per_sample.device)
                 contrib.index_add_(1, channels.to(per_sample.device), per_sample[:, positions.to(per_sample.device)])
