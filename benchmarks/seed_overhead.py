@@ -4,7 +4,7 @@
         [--repeat 1] [--out DIR]
 
 Both variants run compress's own Trainer on the same batches (same data, seed, model init): plain
-(no callback) and seed (compress.methods.SeedPrune: Taylor significance hooks on every BN output,
+(no callback) and seed (compress.api.Pruner as the CLI drives it: Taylor significance hooks on every BN output,
 utility smoothing, hard channel masks, mask recomputation every 10 steps, budget redistribution at
 each epoch end). The seed callback is configured in its most expensive regime, which covers ~75 % of
 a seed run's epochs (the masked "seed" phase): masks active from the first step, never frozen,
@@ -54,18 +54,15 @@ def load_data(data_dir: Optional[str], n_train: int, seed: int):
 
 
 def seed_callback(model, steps_per_epoch: int, reduction: float):
-    """compress's SeedPrune with masks active from step 0 and never frozen: the masked phase's cost."""
+    """The seed method as the CLI runs it (compress.api.Pruner in compress.methods.PruneCallback), with
+    masks active from step 1 and never frozen or cut: the masked phase's cost."""
     import torch
 
-    from compress.methods import SeedPrune
-    from compress.prune.cost import ResourceModel
-    from compress.prune.graph import find_groups
-    from compress.prune.seed import SeedConfig
-    example = torch.zeros(2, 3, 32, 32)
-    groups = find_groups(model, example)
-    cost = ResourceModel(model, groups, example)
-    config = SeedConfig.for_run("flops", reduction, EPOCHS, steps_per_epoch, warmup_steps=0, freeze_at=None)
-    return SeedPrune(groups, cost, config, extract_at=EPOCHS + 1, example_input=example)
+    from compress.api import Pruner
+    from compress.methods import PruneCallback
+    pruner = Pruner(model, torch.zeros(2, 3, 32, 32), f"flops={reduction}", "seed", epochs=EPOCHS,
+                    steps_per_epoch=steps_per_epoch, warmup=0.0, end=1.0, settle_epochs=0)
+    return PruneCallback(lambda trainer: pruner, EPOCHS + 1, one_shot=False, pruner=pruner)
 
 
 def measure(variant: str, *, model_name: str, width: float, data, steps: int, batch_size: int, bf16: bool,
@@ -90,13 +87,14 @@ def measure(variant: str, *, model_name: str, width: float, data, steps: int, ba
 
 
 class EpochClock(Callback):
-    """perf_counter at every epoch end and after every optimizer step of the timed (second) epoch."""
+    """perf_counter at every epoch end and after every backward of the timed (second) epoch (one tick
+    per step: the interval between two ticks is one whole step)."""
 
     def __init__(self):
         self.marks: list[float] = []
         self.steps: list[float] = []
 
-    def after_step(self, trainer, step):
+    def after_backward(self, trainer, step):
         if len(self.marks) == 1:
             self.steps.append(time.perf_counter())
 

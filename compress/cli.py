@@ -454,7 +454,7 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
     trainer.fit()
     # The numbers people compare: fp32, on the extracted network (every rank takes part), counted
     # by compress.flops.
-    slim = plan.finish(trainer).to(trainer.device, memory_format=torch.contiguous_format).eval()
+    slim = trainer.model.to(trainer.device, memory_format=torch.contiguous_format).eval()
     slim_top1 = trainer.evaluate(slim, bf16=False).top1
     slim.to("cpu")
     if dist_info.enabled:

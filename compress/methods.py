@@ -1,10 +1,10 @@
 """Pruning methods as schedules over the Trainer, all within the same total epoch budget.
 
-    seed      prune while training (compress.prune.seed): dense warm-up (--prune-warmup of the epochs),
-              per-step channel utilities, hard masks at the target that keep moving until --prune-end
-              of the epochs; then the masked channels are cut out and the compact network finishes
-              the same learning-rate cycle (phase "compact"); optionally --finetune-epochs more of
-              plain fine-tuning with a new cycle.
+    seed      prune while training (compress.prune.seed): dense warm-up, per-step channel utilities,
+              masks that ramp to the target and keep moving until the freeze, a settle period on the
+              final masks; then the masked channels are cut out and the compact network finishes the
+              same learning-rate cycle (phase "compact"); optionally --finetune-epochs more of plain
+              fine-tuning with a new cycle.
     l1        Li et al. 2017: dense training, keep the filters of largest L1 norm, fine-tune.
     slimming  Liu et al. 2017: dense training with an L1 penalty on BN scales, keep the largest |gamma|,
               fine-tune.
@@ -19,30 +19,29 @@
 
 The one-shot methods spend (1 - --finetune-fraction) of the epochs training dense and the rest
 fine-tuning (default 50/50); the fine-tune phase restarts the learning-rate cycle at the same peak
-(learning-rate rewinding, Renda et al. 2020), with fresh momentum. A criterion is a small object
-with `scores()` (and optionally `after_backward()`); adding one needs no change to the trainer.
+(learning-rate rewinding, Renda et al. 2020), with fresh momentum. Every pruning method runs
+through the Python API (compress.api.Pruner) that users call from their own loops; PruneCallback
+drives it from the Trainer, so the CLI and the API are one path.
 """
 from __future__ import annotations
 
 import json
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from compress.api import Pruner, check_reachable
 from compress.errors import UserError
 from compress.flops import Counts, count
 from compress.models import build_model, init_weights
-from compress.prune import importance
-from compress.prune.budget import max_reduction, select
+from compress.prune.budget import select
 from compress.prune.cost import ResourceModel
 from compress.prune.graph import ChannelGroup, find_groups
-from compress.prune.masks import ChannelMasker
-from compress.prune.seed import SeedConfig, SeedPruner
 from compress.prune.surgery import extract, rebuild
 from compress.train import Callback, Phase, Trainer, steps_per_epoch
 
@@ -56,171 +55,103 @@ class Plan:
     callbacks: list[Callback]
     dense_counts: Counts                       # the unpruned network, for the report
     target: Optional[dict]                     # {"metric", "reduction"} or None
-    finish: Callable[[Trainer], nn.Module] = lambda trainer: trainer.model
     dense_top1: Callable[[list[dict]], Optional[float]] = lambda log: None
     pruning: Callable[[], Optional[dict]] = lambda: None   # what report.json records of the pruning
 
 
 # ---------------------------------------------------------------------------------------------
-# criteria: how a channel scores (higher = keep)
+# the pruning API (compress.api.Pruner) as a trainer callback
 
 
-class Criterion:
-    def setup(self, trainer: Trainer, groups: list[ChannelGroup]) -> None: ...
+class PruneCallback(Callback):
+    """Drives a compress.api.Pruner from the Trainer: `step` after every backward (Taylor averaged
+    over DDP ranks), and at the end of epoch `at_epoch` (0-based) the cut: the trainer continues on
+    the compact network. `make_pruner(trainer)` builds the pruner; the one-shot Taylor criterion
+    builds it only at the cut (its hooks would slow every dense step), after `taylor_batches`
+    scoring batches with no weight update. One-shot methods record the dense network's top-1 first."""
 
-    def after_backward(self, trainer: Trainer) -> None: ...
-
-    def scores(self, trainer: Trainer, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-
-class L1Norm(Criterion):
-    """Li et al. 2017: the L1 norm of each filter of the group's first conv."""
-
-    def scores(self, trainer, groups):
-        return importance.l1_filter(trainer.model, groups)
-
-
-class BNScale(Criterion):
-    """Liu et al. 2017 (network slimming): |gamma| of the group's BN; sparsified during training
-    by adding lam * sign(gamma) to gamma's gradient (the subgradient of lam * |gamma|)."""
-
-    def __init__(self, lam: float):
-        self.lam = lam
-        self.gammas: list[nn.Parameter] = []
-
-    def setup(self, trainer, groups):
-        modules = dict(trainer.model.named_modules())
-        names = sorted({o for g in groups for o in g.outputs
-                        if isinstance(modules[o], nn.modules.batchnorm._BatchNorm)})
-        self.gammas = [modules[n].weight for n in names if modules[n].weight is not None]
-
-    def after_backward(self, trainer):
-        for gamma in self.gammas:
-            if gamma.grad is not None:
-                gamma.grad.add_(torch.sign(gamma.detach()), alpha=self.lam)
-
-    def scores(self, trainer, groups):
-        return importance.bn_scale(trainer.model, groups)
-
-
-class Taylor(Criterion):
-    """Molchanov et al. 2017: |activation x gradient| per channel, averaged over `batches`
-    training batches after dense training (no weight update), combined over DDP ranks."""
-
-    def __init__(self, batches: int):
-        self.batches = batches
-
-    def scores(self, trainer, groups):
-        from compress.data import batches as make_batches
-        c, d = trainer.config, trainer.data
-        masker = ChannelMasker(trainer.model, groups, record=True)
-        per_rank = max(c.batch_size // trainer.dist.world_size, 1)
-        criterion = nn.CrossEntropyLoss()
-        world = trainer.dist.world_size
-
-        def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-            return trainer.all_reduce_sum(t) / world
-
-        trainer.net.train()
-        it = make_batches(d.x_train, d.y_train, per_rank, train=True, seed=c.seed + 1, epoch=trainer.epoch,
-                          mean=d.mean, std=d.std, device=trainer.device, channels_last=c.channels_last,
-                          rank=trainer.dist.rank, world_size=world)
-        # Only activation gradients are needed: no weight-gradient all-reduce under DDP.
-        no_sync = trainer.net.no_sync if hasattr(trainer.net, "no_sync") else nullcontext
-        try:
-            for i, (x, y) in enumerate(it):
-                if i >= self.batches:
-                    break
-                with no_sync():
-                    with trainer.autocast():
-                        loss = criterion(trainer.net(x).float(), y)
-                    loss.backward()
-                masker.pop_taylor(reduce=mean_over_ranks)
-        finally:
-            masker.remove()
-            trainer.model.zero_grad(set_to_none=True)
-        return importance.taylor(masker)
-
-
-class RandomScores(Criterion):
-    """Random channels: a seeded draw, the same on every rank."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def scores(self, trainer, groups):
-        return importance.random_scores(groups, self.seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# one-shot pruning at the end of the dense phase
-
-
-@dataclass
-class OneShotPrune(Callback):
-    """Train dense; at the end of epoch `at_epoch`, score, select to the target (or to fixed
-    per-group `budgets`), cut the channels out and let the trainer continue on the slim model."""
-    criterion: Criterion
-    at_epoch: int
-    groups: list[ChannelGroup]               # found on the dense model before training starts
-    cost: ResourceModel
-    example_input: torch.Tensor
-    metric: Optional[str] = None
-    reduction: Optional[float] = None
-    min_keep: float = 0.05
-    cost_power: float = 0.0                  # budget.select: 0 ranks by score alone, as the papers do
-    round_to: int = 1                        # budget.select: kept widths in multiples of this
-    budgets: Optional[dict[str, int]] = None
-    pruned: bool = False
-    dense_top1: Optional[float] = None
-    kept: dict = field(default_factory=dict)
-
-    def on_train_start(self, trainer):
-        if not self.pruned:
-            self.criterion.setup(trainer, self.groups)
+    def __init__(self, make_pruner: Callable[[Trainer], Pruner], at_epoch: int, *, one_shot: bool,
+                 taylor_batches: int = 0, pruner: Optional[Pruner] = None):
+        self.make_pruner, self.at_epoch, self.one_shot = make_pruner, at_epoch, one_shot
+        self.taylor_batches = taylor_batches
+        self.pruner = pruner
+        self.extracted = False
+        self.dense_top1: Optional[float] = None
+        self.summary: Optional[dict] = None
 
     def after_backward(self, trainer, step):
-        if not self.pruned:
-            self.criterion.after_backward(trainer)
+        if not self.extracted and self.pruner is not None:
+            self.pruner.step(reduce=_mean_over_ranks(trainer))
 
     def on_epoch_end(self, trainer, epoch):
-        if self.pruned or epoch != self.at_epoch:
+        if self.extracted or epoch != self.at_epoch:
             return
-        self.dense_top1 = trainer.evaluate(bf16=False).top1   # fp32, like the slim top-1
-        scores = self.criterion.scores(trainer, self.groups)
-        if self.budgets is not None:
-            masks = masks_from_budgets(scores, self.budgets)
-        else:
-            masks = select(scores, self.cost, self.metric, self.reduction, self.min_keep, cost_power=self.cost_power,
-                           round_to=self.round_to)
-        # Weight-based scores agree across ranks already; make sure every rank cuts the same channels.
-        masks = {name: trainer.broadcast(m.to(trainer.device).to(torch.uint8)).bool().cpu()
-                 for name, m in masks.items()}
-        self.kept = {name: int(m.sum()) for name, m in masks.items()}
-        self.masks = masks
-        trainer.model = extract(trainer.model, self.groups, masks, self.example_input.to(trainer.device))
-        self.pruned = True
+        if self.one_shot:
+            self.dense_top1 = trainer.evaluate(bf16=False).top1   # fp32, like the slim top-1
+        if self.pruner is None:
+            self.pruner = self.make_pruner(trainer)
+        if self.taylor_batches:
+            _score_batches(trainer, self.pruner, self.taylor_batches)
+        trainer.model = self.pruner.extract(check_input=check_batch(trainer))
+        self.summary = self.pruner.summary()
+        self.extracted = True
+
+    def resources(self, trainer):
+        return None if self.extracted or self.pruner is None else self.pruner.resources()
 
     def state_dict(self):
-        return {"pruned": self.pruned, "dense_top1": -1.0 if self.dense_top1 is None else self.dense_top1,
-                "kept": dict(self.kept)}
+        return {"extracted": self.extracted, "dense_top1": -1.0 if self.dense_top1 is None else self.dense_top1,
+                "pruner": {} if self.pruner is None else self.pruner.state_dict(),
+                "summary": json.dumps(self.summary)}
 
     def load_state_dict(self, state):
-        self.pruned = bool(state["pruned"])
+        self.extracted = bool(state["extracted"])
         self.dense_top1 = None if state["dense_top1"] < 0 else float(state["dense_top1"])
-        self.kept = dict(state["kept"])
+        self.summary = json.loads(state.get("summary", "null"))
+        if self.pruner is not None and not self.extracted and state["pruner"]:
+            self.pruner.load_state_dict(state["pruner"])
+
+    def report(self) -> Optional[dict]:
+        return self.summary if self.summary is not None else (None if self.pruner is None else self.pruner.summary())
 
 
-def masks_from_budgets(scores: dict[str, torch.Tensor], budgets: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Keep exactly budgets[g] top-scoring channels of each group named (the others stay whole)."""
-    masks = {}
-    for name, s in scores.items():
-        keep = budgets.get(name, len(s))
-        mask = torch.zeros(len(s), dtype=torch.bool)
-        mask[torch.topk(s.float().cpu(), keep).indices] = True
-        masks[name] = mask
-    return masks
+def _mean_over_ranks(trainer: Trainer):
+    world = trainer.dist.world_size
+    return (lambda t: trainer.all_reduce_sum(t) / world) if world > 1 else None
+
+
+def check_batch(trainer: Trainer, n: int = 32) -> torch.Tensor:
+    """A batch of real test images, preprocessed, for the masked-vs-extracted check."""
+    from compress.data import batches as make_batches
+    d, c = trainer.data, trainer.config
+    x, _ = next(iter(make_batches(d.x_test[:n], d.y_test[:n], n, train=False, seed=c.seed, epoch=0, mean=d.mean,
+                                  std=d.std, device=trainer.device, channels_last=False)))
+    return x
+
+
+def _score_batches(trainer: Trainer, pruner: Pruner, count: int) -> None:
+    """Forward + backward on `count` training batches for a Taylor score; no weight update."""
+    from compress.data import batches as make_batches
+    c, d = trainer.config, trainer.data
+    world = trainer.dist.world_size
+    criterion = nn.CrossEntropyLoss()
+    trainer.net.train()
+    it = make_batches(d.x_train, d.y_train, max(c.batch_size // world, 1), train=True, seed=c.seed + 1,
+                      epoch=trainer.epoch, mean=d.mean, std=d.std, device=trainer.device,
+                      channels_last=c.channels_last, rank=trainer.dist.rank, world_size=world)
+    # Only activation gradients are needed: no weight-gradient all-reduce under DDP.
+    no_sync = trainer.net.no_sync if hasattr(trainer.net, "no_sync") else nullcontext
+    try:
+        for i, (x, y) in enumerate(it):
+            if i >= count:
+                break
+            with no_sync():
+                with trainer.autocast():
+                    loss = criterion(trainer.net(x).float(), y)
+                loss.backward()
+            pruner.step(reduce=_mean_over_ranks(trainer))
+    finally:
+        trainer.model.zero_grad(set_to_none=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,15 +203,6 @@ def split_epochs(epochs: int, finetune_fraction: float, method: str) -> tuple[in
     return epochs - finetune, finetune
 
 
-def check_reachable(cost: ResourceModel, metric: str, reduction: float, min_keep: float, round_to: int = 1) -> None:
-    best = max_reduction(cost, metric, min_keep, round_to)
-    if reduction > best - 0.005:
-        rounded = f" rounded up to multiples of --round-to {round_to}" if round_to > 1 else ""
-        raise UserError(f"target {metric}={reduction:g} is unreachable for this model: keeping only "
-                        f"--min-keep {min_keep:g} of every prunable group{rounded} removes {best:.1%} of the "
-                        f"{metric} (layers that cannot be pruned keep the rest)")
-
-
 def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
     """The Plan for `cfg.method` (cfg: compress.cli.RunConfig)."""
     example = torch.zeros(2, *input_shape[1:])
@@ -301,36 +223,60 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
     if method == "none":
         return Plan(model, [Phase("train", cfg.epochs)], [], dense_counts, None,
                     dense_top1=lambda log: _last_test_top1(log, "train"))
-
     if method == "uniform":
         return Plan(uniform_model(model, example, target, cfg), [Phase("train", cfg.epochs)], [], dense_counts,
                     target)
+    common = dict(min_keep=cfg.min_keep, round_to=cfg.round_to, cost_power=cfg.cost_power, ignore=cfg.ignore,
+                  seed=cfg.seed)
 
     if method == "seed":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         steps = steps_per_epoch(len(data.y_train), cfg.batch_size, world)
-        return _seed_plan(cfg, model, dense_counts, target, example, steps)
+        prune_epochs = cfg.epochs - cfg.finetune_epochs
+        pruner = Pruner(model, example, target, "seed", epochs=prune_epochs, steps_per_epoch=steps, **common,
+                        **seed_options(cfg))
+        cut = pruner.extract_epoch
+        callback = PruneCallback(lambda trainer: pruner, cut - 1, one_shot=False, pruner=pruner)
+        # One learning-rate cycle over the prune epochs, whether the network is masked or already cut.
+        phases = [Phase("seed", cut, cycle_epochs=prune_epochs)]
+        if cut < prune_epochs:
+            phases.append(Phase("compact", prune_epochs - cut, cycle_start=cut, cycle_epochs=prune_epochs))
+        if cfg.finetune_epochs:
+            phases.append(Phase("finetune", cfg.finetune_epochs))
+        return Plan(model, phases, [callback], dense_counts, target, pruning=callback.report)
 
     dense_epochs, finetune_epochs = split_epochs(cfg.epochs, cfg.finetune_fraction, method)
     phases = [Phase("dense", dense_epochs), Phase("finetune", finetune_epochs)]
-    # Groups are found on the dense model as built (plain memory format, CPU), before the trainer
-    # moves it; they name modules, so they hold for the moved model too.
-    groups = find_groups(model, example, cfg.ignore)
-    cost = ResourceModel(model, groups, example)
-    budgets = None
+    widths = None
     if method == "random":
         arch, seed_target = read_widths_run(cfg.widths_from)
         target = target or seed_target
-        budgets = budgets_from_arch(groups, arch)
-        criterion: Criterion = RandomScores(cfg.seed)
-    else:
-        criterion = {"l1": lambda: L1Norm(), "slimming": lambda: BNScale(cfg.slimming_lambda),
-                     "taylor": lambda: Taylor(cfg.taylor_batches)}[method]()
-        check_reachable(cost, target["metric"], target["reduction"], cfg.min_keep, cfg.round_to)
-    pruner = OneShotPrune(criterion, dense_epochs - 1, groups, cost, example,
-                          metric=target and target["metric"], reduction=target and target["reduction"],
-                          min_keep=cfg.min_keep, cost_power=cfg.cost_power, round_to=cfg.round_to, budgets=budgets)
-    return Plan(model, phases, [pruner], dense_counts, target, dense_top1=lambda log: pruner.dense_top1)
+        groups = find_groups(model, example, cfg.ignore)
+        widths = widths_from_arch(groups, arch)
+    kind = {"random": "random", "l1": "l1", "slimming": "slimming", "taylor": "taylor"}[method]
+    options = dict(common, slimming_lambda=cfg.slimming_lambda)
+
+    def make(trainer: Trainer) -> Pruner:
+        return Pruner(trainer.model, example.to(trainer.device), None if widths else target, kind, widths=widths,
+                      **options)
+
+    # Built now: slimming needs every dense step, and every method checks its target before training.
+    pruner = Pruner(model, example, None if widths else target, kind, widths=widths, **options)
+    if method == "taylor":
+        pruner.masker.remove()   # its hooks would slow every dense step: it is rebuilt at the cut
+        pruner = None
+    callback = PruneCallback(make, dense_epochs - 1, one_shot=True, pruner=pruner,
+                             taylor_batches=cfg.taylor_batches if method == "taylor" else 0)
+    return Plan(model, phases, [callback], dense_counts, target, dense_top1=lambda log: callback.dense_top1,
+                pruning=callback.report)
+
+
+def seed_options(cfg) -> dict:
+    """The seed method's knobs given on the command line (the rest take compress/prune/seed_config.py's)."""
+    given = {"warmup": cfg.prune_warmup, "ramp": cfg.prune_ramp, "end": cfg.prune_end,
+             "settle_epochs": cfg.prune_settle, "smoothing": cfg.prune_smoothing, "update_every": cfg.prune_every,
+             "redistribute": cfg.redistribute, "redistribute_by": cfg.redistribute_by, "soft": cfg.soft_masks}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def uniform_model(model: nn.Module, example: torch.Tensor, target: dict, cfg) -> nn.Module:
@@ -351,7 +297,7 @@ def uniform_model(model: nn.Module, example: torch.Tensor, target: dict, cfg) ->
     return slim
 
 
-def budgets_from_arch(groups: list[ChannelGroup], arch: dict) -> dict[str, int]:
+def widths_from_arch(groups: list[ChannelGroup], arch: dict) -> dict[str, int]:
     """Per-group channel counts of a pruned run, read from its arch.json by each group's first conv."""
     budgets = {}
     for g in groups:
@@ -368,84 +314,3 @@ def budgets_from_arch(groups: list[ChannelGroup], arch: dict) -> dict[str, int]:
 def _last_test_top1(log: list[dict], phase: str) -> Optional[float]:
     rows = [r for r in log if r["phase"] == phase and r["test_top1"] != ""]
     return float(rows[-1]["test_top1"]) if rows else None
-
-
-# ---------------------------------------------------------------------------------------------
-# the seed method: prune while training
-
-
-class SeedPrune(Callback):
-    """Wires compress.prune.seed.SeedPruner into the trainer: after every backward the masker's
-    Taylor significances (averaged over DDP ranks) feed the pruner, whose new masks take effect on
-    the next forward; at the end of epoch `extract_at` (0-based) the masked channels are cut out."""
-
-    def __init__(self, groups: list[ChannelGroup], cost: ResourceModel, config: SeedConfig, extract_at: int,
-                 example_input: torch.Tensor):
-        self.groups, self.cost, self.extract_at, self.example_input = groups, cost, extract_at, example_input
-        self.pruner = SeedPruner(groups, cost, config)
-        self.masker: Optional[ChannelMasker] = None
-        self.extracted = False
-
-    def on_train_start(self, trainer):
-        if self.extracted:
-            return
-        self.masker = ChannelMasker(trainer.model, self.groups, record=not self.pruner.frozen)
-        self.masker.set(self.pruner.masks, off=self.pruner.off_scale)
-
-    def after_backward(self, trainer, step):
-        if self.extracted:
-            return
-        world = trainer.dist.world_size
-        theta = self.masker.pop_taylor(reduce=lambda t: trainer.all_reduce_sum(t) / world) if self.masker.record else None
-        new = self.pruner.step(theta)
-        if new is not None:
-            self.masker.set(new, off=self.pruner.off_scale)
-        self.masker.record = not self.pruner.frozen   # the structure is final: stop paying for Taylor
-
-    def on_epoch_end(self, trainer, epoch):
-        if self.extracted or epoch != self.extract_at:
-            return
-        masks = self.pruner.masks
-        self.masker.remove()
-        self.masker = None
-        trainer.model = extract(trainer.model, self.groups, masks, self.example_input.to(trainer.device))
-        self.extracted = True
-
-    def resources(self, trainer):
-        if self.extracted or self.pruner.masks is None:
-            return None
-        return self.cost.flops(self.pruner.masks), self.cost.params(self.pruner.masks)
-
-    def state_dict(self):
-        return {"extracted": self.extracted, "pruner": self.pruner.state_dict()}
-
-    def load_state_dict(self, state):
-        self.extracted = bool(state["extracted"])
-        self.pruner.load_state_dict(state["pruner"])
-
-
-def seed_config(cfg, target: dict, epochs: int, steps_per_epoch: int) -> SeedConfig:
-    """The seed method's config for a run: the CLI's knobs where given, seed.py's defaults otherwise."""
-    knobs = {"smoothing": cfg.prune_smoothing, "update_every": cfg.prune_every, "redistribute": cfg.redistribute,
-             "redistribute_by": cfg.redistribute_by, "soft": cfg.soft_masks}
-    return SeedConfig.for_run(target["metric"], target["reduction"], epochs, steps_per_epoch,
-                              warmup=cfg.prune_warmup, ramp=cfg.prune_ramp, end=cfg.prune_end,
-                              settle_epochs=cfg.prune_settle, min_keep=cfg.min_keep, cost_power=cfg.cost_power,
-                              round_to=cfg.round_to, **{k: v for k, v in knobs.items() if v is not None})
-
-
-def _seed_plan(cfg, model, dense_counts, target, example, steps_per_epoch: int) -> Plan:
-    groups = find_groups(model, example, cfg.ignore)
-    cost = ResourceModel(model, groups, example)
-    check_reachable(cost, target["metric"], target["reduction"], cfg.min_keep, cfg.round_to)
-    prune_epochs = cfg.epochs - cfg.finetune_epochs
-    config = seed_config(cfg, target, prune_epochs, steps_per_epoch)
-    cut = config.extract_epoch(steps_per_epoch)
-    callback = SeedPrune(groups, cost, config, cut - 1, example)
-    # One learning-rate cycle over the prune epochs, whether the network is masked or already cut.
-    phases = [Phase("seed", cut, cycle_epochs=prune_epochs)]
-    if cut < prune_epochs:
-        phases.append(Phase("compact", prune_epochs - cut, cycle_start=cut, cycle_epochs=prune_epochs))
-    if cfg.finetune_epochs:
-        phases.append(Phase("finetune", cfg.finetune_epochs))
-    return Plan(model, phases, [callback], dense_counts, target, pruning=callback.pruner.summary)

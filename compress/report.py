@@ -44,10 +44,10 @@ def _replace_into(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def export_program(model: nn.Module, path: Path, input_hw: tuple[int, int]) -> None:
+def export_program(model: nn.Module, path: Path, input_hw: tuple[int, int], channels: int = 3) -> None:
     """torch.export of the eval-mode network, NCHW float32 input, dynamic batch dimension."""
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    example = torch.zeros(2, 3, *input_hw)
+    example = torch.zeros(2, channels, *input_hw)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
@@ -105,7 +105,8 @@ def write_run_folder(work: Path, slim: nn.Module, *, name: str, method: str, dat
     from compress.provenance import code_version
 
     hw = tuple(data.x_train.shape[1:3])
-    input_shape = (1, 3, *hw)
+    channels = int(data.x_train.shape[3])
+    input_shape = (1, channels, *hw)
     slim_counts = count(slim, input_shape)
     layers = layer_widths(dense_counts, slim_counts)
     achieved = {"flops_reduction": 1 - slim_counts.flops / dense_counts.flops,
@@ -116,7 +117,7 @@ def write_run_folder(work: Path, slim: nn.Module, *, name: str, method: str, dat
             print(f"warning: achieved {target['metric']} reduction {got:.4f} is more than 1 pp from the "
                   f"target {target['reduction']}", file=sys.stderr)
 
-    export_program(slim, work / "model.pt2", hw)
+    export_program(slim, work / "model.pt2", hw, channels)
     save_weights(slim, arch, work)
     # Calibration images: a seeded draw from the training images the run used.
     rng = np.random.default_rng(seed)

@@ -82,9 +82,6 @@ class Callback:
     def after_backward(self, trainer: Trainer, step: int) -> None:
         """Gradients are present (all-reduced under DDP); the optimizer has not stepped yet."""
 
-    def after_step(self, trainer: Trainer, step: int) -> None:
-        """After optimizer.step(): the place to re-apply masks to weights."""
-
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         """May assign `trainer.model` (surgery); the trainer then rebuilds its optimizer."""
 
@@ -371,8 +368,6 @@ class Trainer:
             for cb in self.callbacks:
                 cb.after_backward(self, self.step)
             self.optimizer.step()
-            for cb in self.callbacks:
-                cb.after_step(self, self.step)
             self.step += 1
             loss_sum += loss.detach().double().cpu() * len(y)
             correct += (logits.argmax(1) == y).sum().cpu()

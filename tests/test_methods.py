@@ -80,17 +80,17 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], dump: str) -> 
     torch.set_num_threads(1)
     from compress import cli, methods
 
-    extract_once = methods.SeedPrune.on_epoch_end
+    extract_once = methods.PruneCallback.on_epoch_end
 
     def record_then_extract(self, trainer, epoch):
         # What this rank selected, just before the channels are cut.
-        if epoch == self.extract_at and not self.extracted:
-            torch.save({"masks": self.pruner.masks, "utility": self.pruner.utility,
+        if epoch == self.at_epoch and not self.extracted:
+            torch.save({"masks": self.pruner.masks, "utility": self.pruner.seed_pruner.utility,
                         "model": {k: v.cpu() for k, v in trainer.model.state_dict().items()}},
                        Path(dump) / f"rank{rank}.pt")
         extract_once(self, trainer, epoch)
 
-    methods.SeedPrune.on_epoch_end = record_then_extract
+    methods.PruneCallback.on_epoch_end = record_then_extract
     assert cli.main(argv) == 0
 
 
@@ -163,3 +163,36 @@ def test_round_to_keeps_every_width_a_multiple(method: str, tmp_path: Path, smal
     assert main(tiny_args(small_cifar_dir, "--method", method, "--target", "flops=0.5", "--round-to", "0",
                           "--out", str(tmp_path / "bad"))) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_seed_knobs_are_settable_and_recorded(tmp_path: Path, small_cifar_dir: Path):
+    """Every knob of the method from the CLI, and report.json records what the run used, in steps,
+    plus the code version that made it."""
+    out = tmp_path / "knobs"
+    compress_here(*tiny_args(small_cifar_dir, "--method", "seed", "--target", "flops=0.5", "--out", str(out),
+                             "--epochs", "4", "--prune-warmup", "0.1", "--prune-ramp", "0.2", "--prune-end", "0.5",
+                             "--prune-settle", "1", "--prune-every", "3", "--prune-smoothing", "0.8",
+                             "--redistribute", "0.2", "--redistribute-by", "utility-ratio", "--soft-masks"))
+    report = report_of(out)
+    steps = 192 // 32
+    seed = report["pruning"]["seed"]
+    assert seed["config"] == {**seed["config"], "warmup_steps": round(0.1 * 4 * steps), "ramp_steps": round(0.2 * 4 * steps),
+                              "freeze_at": round(0.5 * 4 * steps), "settle_steps": steps, "update_every": 3,
+                              "smoothing": 0.8, "redistribute": 0.2, "redistribute_by": "utility-ratio", "soft": True}
+    assert report["config"]["prune_ramp"] == 0.2 and report["config"]["soft_masks"] is True
+    # the cut waits a full epoch after the last mask change
+    assert report["pruning"]["extraction"]["epoch_step"] - seed["last_change_step"] >= steps
+    assert phases_of(out) == ["seed", "seed", "seed", "compact"]   # cut at step 12 + 6 = the end of epoch 3
+    code = report["code"]
+    assert code["version"] and (code["commit"] is None or len(code["commit"]) == 40)
+
+
+def test_seed_knobs_are_refused_for_other_methods_and_checked(tmp_path: Path, small_cifar_dir: Path):
+    from compress.cli import main
+    assert main(tiny_args(small_cifar_dir, "--method", "l1", "--target", "flops=0.5", "--prune-ramp", "0.2",
+                          "--out", str(tmp_path / "a"))) == 2
+    assert main(tiny_args(small_cifar_dir, "--method", "seed", "--target", "flops=0.5", "--prune-smoothing", "1.5",
+                          "--out", str(tmp_path / "b"))) == 2
+    assert main(tiny_args(small_cifar_dir, "--method", "seed", "--target", "flops=0.5", "--redistribute-by", "x",
+                          "--out", str(tmp_path / "c"))) == 2
+    assert not any((tmp_path / n).exists() for n in "abc")

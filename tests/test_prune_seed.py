@@ -1,4 +1,5 @@
-"""The seed method's state machine: warm-up, target met at every update, masks move, resume."""
+"""The seed method's state machine: warm-up, ramp, target met at every update, masks move, soft
+masks, freeze and settle before the cut, resume."""
 from __future__ import annotations
 
 import io
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from compress.errors import UserError
 from compress.prune import ChannelMasker, ResourceModel, SeedConfig, SeedPruner, achieved, find_groups
 from compress.prune.importance import seed_utility
 from tests.test_prune_models import ConcatNet
@@ -80,9 +82,10 @@ def test_redistribution_moves_budget_and_keeps_target():
     assert pruner.budgets[star] >= before[star]
 
 
-@pytest.mark.parametrize("by", ["utility", "utility-per-cost"])
+@pytest.mark.parametrize("by", ["utility", "utility-ratio", "utility-per-cost"])
 def test_layer_significance_with_and_without_cost(by):
     """"utility": xi is the mean utility of a layer's kept channels, whatever a channel costs;
+    "utility-ratio": that over the mean of all its channels (1 for a flat layer, whatever its width);
     "utility-per-cost" divides it by the layer's relative marginal cost, so equal utilities rank
     the cheap layers first."""
     config = SeedConfig(metric="flops", reduction=0.5, warmup_steps=0, update_every=1, redistribute_by=by)
@@ -93,6 +96,13 @@ def test_layer_significance_with_and_without_cost(by):
     xi = pruner.layer_significance()
     if by == "utility":
         assert xi.tolist() == pytest.approx([0.1 * (i + 1) for i in range(len(groups))])
+    elif by == "utility-ratio":
+        assert xi.tolist() == pytest.approx([1.0] * len(groups))
+        g = groups[0]
+        u = torch.linspace(0.0, 1.0, g.size)
+        pruner.utility[g.name] = u
+        kept = pruner.masks[g.name]
+        assert pruner.layer_significance()[0] == pytest.approx(float(u[kept].mean() / u.mean()))
     else:
         for g in groups:
             pruner.utility[g.name].fill_(0.5)
@@ -103,9 +113,19 @@ def test_layer_significance_with_and_without_cost(by):
         assert len(set(xi.round(9))) > 1
 
 
-def test_redistribute_by_is_checked():
-    with pytest.raises(ValueError, match="redistribute_by"):
+def test_bad_knobs_are_one_line_user_errors():
+    with pytest.raises(UserError, match="redistribute_by"):
         SeedConfig.for_run("flops", 0.5, 10, 10, redistribute_by="cost")
+    with pytest.raises(UserError, match="smoothing"):
+        SeedConfig(smoothing=1.0)
+    with pytest.raises(UserError, match="interval"):
+        SeedConfig(update_every=0)
+    with pytest.raises(UserError, match="warm-up"):
+        SeedConfig.for_run("flops", 0.5, 10, 10, warmup=0.5, end=0.4)
+    with pytest.raises(UserError, match="ramp"):
+        SeedConfig.for_run("flops", 0.5, 10, 10, warmup=0.2, ramp=0.7, end=0.8)
+    with pytest.raises(UserError, match="too short"):   # one epoch: settling takes all of it
+        SeedConfig.for_run("flops", 0.5, 1, 10)
 
 
 def test_resume_gives_identical_masks():
@@ -132,6 +152,10 @@ def test_resume_gives_identical_masks():
 def test_freeze_and_for_run_defaults():
     config = SeedConfig.for_run("flops", 0.5, epochs=40, steps_per_epoch=10)
     assert config.warmup_steps == 20 and config.redistribute_every == 10 and config.freeze_at == 300
+    assert config.settle_steps == 10 and config.extract_epoch(10) == 31
+    # 30 epochs: the warm-up is 5 % of the steps, 1.5 epochs (BENCHMARKS.md says the same)
+    config = SeedConfig.for_run("flops", 0.5, epochs=30, steps_per_epoch=195)
+    assert config.warmup_steps == round(0.05 * 30 * 195) == 292
     with pytest.raises(TypeError):
         SeedConfig.for_run("flops", 0.5, 10, 10, smoothnes=0.5)
     config = SeedConfig(reduction=0.5, warmup_steps=0, update_every=1, freeze_at=3)
@@ -159,3 +183,59 @@ def test_epoch_boundary_changes_land_on_the_first_step_of_an_epoch():
             budget_moves.append(pruner.steps)
     assert first == 11
     assert budget_moves and all((step - 1) % 5 == 0 for step in budget_moves)
+
+
+@pytest.mark.parametrize("epochs,steps,shares", [
+    (5, 97, {}),                                       # --epochs 5 --batch-size 512 on CIFAR-10
+    (4, 195, {}), (4, 195, {"warmup": 0.05, "ramp": 0.15, "end": 0.25}), (3, 7, {"end": 1.0}),
+    (30, 13, {"warmup": 0.1, "end": 0.9, "settle_epochs": 2}), (6, 5, {"ramp": 0.3, "end": 0.6}),
+])
+def test_no_mask_change_within_the_settle_period_before_the_cut(epochs, steps, shares):
+    """Every channel the cut network keeps has trained in the final structure: the last mask change
+    is at least `settle_steps` (one epoch by default) before the end of the epoch the network is cut at,
+    whatever the budget. (The masks used to be able to change on the very step before the cut.)"""
+    config = SeedConfig.for_run("flops", 0.5, epochs, steps, update_every=1, redistribute=0.3, **shares)
+    _, groups, _, pruner = _setup(config)
+    cut = config.extract_epoch(steps) * steps
+    assert cut <= epochs * steps and config.settle_steps == shares.get("settle_epochs", 1) * steps
+    gen = torch.Generator().manual_seed(1)
+    changes = []
+    for _ in range(cut):
+        if pruner.step({g.name: torch.rand(g.size, generator=gen) for g in groups}) is not None:
+            changes.append(pruner.steps)
+    assert changes and pruner.last_change == changes[-1]
+    assert cut - changes[-1] >= config.settle_steps
+
+
+def test_ramp_asks_for_a_growing_reduction_and_reaches_the_target():
+    config = SeedConfig(metric="flops", reduction=0.6, warmup_steps=2, ramp_steps=12, update_every=2,
+                        freeze_at=30)
+    _, groups, cost, pruner = _setup(config)
+    gen = torch.Generator().manual_seed(4)
+    selections = []   # (asked, reached) at every update that handed out masks
+    for _ in range(30):
+        new = pruner.step({g.name: torch.rand(g.size, generator=gen) for g in groups})
+        if new is not None:
+            selections.append((pruner.target_now(), achieved(cost, "flops", new)))
+    asked = [a for a, _ in selections]
+    assert asked[0] == pytest.approx(0.6 * (1 - (1 - 1 / 12) ** 3)) and asked[-1] == 0.6
+    assert all(b >= a for a, b in zip(asked, asked[1:]))
+    assert all(r >= a - 1e-9 and r <= a + 0.02 for a, r in selections)   # each selection lands on its step's target
+    assert selections[0][1] < 0.2 and 0.6 <= selections[-1][1] <= 0.61
+
+
+def test_soft_masks_fade_switched_off_channels_to_zero_at_the_freeze():
+    config = SeedConfig(metric="flops", reduction=0.5, warmup_steps=2, update_every=1, freeze_at=12, soft=True)
+    model, groups, cost, pruner = _setup(config)
+    scales = []
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(16):
+        new = pruner.step({g.name: torch.rand(g.size, generator=gen) for g in groups})
+        scales.append((pruner.steps, pruner.off_scale, new is not None))
+    by_step = {s: (scale, changed) for s, scale, changed in scales}
+    assert by_step[1][0] == 0.0 and not by_step[1][1]                # warm-up: no masks yet
+    assert by_step[3][0] == pytest.approx(0.9) and by_step[3][1]     # every update hands on the new scale
+    assert all(a >= b for (_, a, _), (_, b, _) in zip(scales[2:], scales[3:]))
+    assert by_step[12][0] == 0.0 and all(not by_step[s][1] for s in range(13, 17))   # frozen at 0
+    with pytest.raises(UserError, match="freeze"):
+        SeedConfig(soft=True)

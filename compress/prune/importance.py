@@ -72,15 +72,6 @@ def bn_scale(model: nn.Module, groups: Sequence[ChannelGroup]) -> dict[str, torc
     return scores
 
 
-def bn_l1_penalty(model: nn.Module, groups: Sequence[ChannelGroup]) -> torch.Tensor:
-    """Network Slimming's sparsity term: sum of |gamma| over the prunable BNs (add lambda * this)."""
-    modules = dict(model.named_modules())
-    names = {m.module for g in groups for m in g.members
-             if isinstance(modules[m.module], nn.modules.batchnorm._BatchNorm) and modules[m.module].affine}
-    terms = [modules[n].weight.abs().sum() for n in sorted(names)]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
-
-
 def taylor(masker: ChannelMasker) -> dict[str, torch.Tensor]:
     return {n: s.detach().float().cpu() for n, s in masker.accumulated().items()}
 

@@ -157,12 +157,6 @@ class ChannelMasker:
         """Mean Theta per group over every batch popped so far (the Taylor criterion's score)."""
         return {g.name: self.sums[gi] / self.counts[gi].clamp(min=1) for gi, g in enumerate(self.groups)}
 
-    def reset(self) -> None:
-        for s in self.sums:
-            s.zero_()
-        self.counts.zero_()
-        self._partial = [None] * len(self.groups)
-
 
 def _width(module: nn.Module) -> int:
     if isinstance(module, nn.Conv2d):
