@@ -35,6 +35,7 @@ from torch import nn  # noqa: E402
 
 from compress import cli as compress_cli  # noqa: E402
 from compress import report  # noqa: E402
+from compress.data import load_dataset  # noqa: E402
 from compress.errors import UserError  # noqa: E402
 from compress.flops import count  # noqa: E402
 from compress.methods import _load_init, check_reachable, split_epochs  # noqa: E402
@@ -277,10 +278,15 @@ def run(cfg, importance: str, *, work: Path, out: Path, resume: bool) -> None:
     if dist_info.enabled:
         raise UserError("the Torch-Pruning peer runs on one process (no torchrun)")
     started = time.time()
-    data = compress_cli.load_data(cfg)
-    num_classes = cfg.num_classes or len(data.classes)
-    hw = tuple(data.x_train.shape[1:3])
+    if cfg.target_spec.get("also"):
+        raise UserError("the Torch-Pruning peer prunes to one metric: give flops=R or params=R, not both")
+    full = load_dataset(cfg.dataset, cfg.data_dir)
+    num_classes = cfg.num_classes or len(full.classes)
+    hw = tuple(full.x_train.shape[1:3])
     input_shape = (1, 3, *hw)
+    if not resume:   # the same precision (and --time-budget sizing) rule as compress
+        compress_cli.choose_precision_and_size(cfg, full, num_classes, input_shape, cfg.device)
+    data = compress_cli.subset(full, cfg)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes, cfg.width)

@@ -27,6 +27,7 @@ Methods (the same names as the CLI's `--method`):
   `update_every`, `redistribute`, `redistribute_by`, `soft`).
 * "l1", "random" — one-shot: `Pruner(...).extract()` right away scores (filter L1 norm; a seeded
   random draw) and cuts.
+* Targets: "flops=R", "params=R", or both ("flops=0.76,params=0.92": both met, each within 1 pp).
 * Any one-shot method takes `widths={group: channels}` instead of a target: keep exactly that many
   top-scoring channels per named group (e.g. the widths another run found).
 * "slimming" — construct it at the start of dense training; `step()` adds Network Slimming's L1
@@ -57,23 +58,10 @@ from compress.prune.graph import ChannelGroup, find_groups
 from compress.prune.masks import ChannelMasker
 from compress.prune.seed import SeedConfig, SeedPruner
 from compress.prune.surgery import extract as cut
-from compress.prune.targets import parse_target
+from compress.prune.targets import target_dict
 
 METHODS = ("seed", "l1", "slimming", "taylor", "random")
 Reduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
-
-
-def target_dict(target: Union[str, Mapping]) -> dict:
-    """"flops=0.5" or {"metric": "flops", "reduction": 0.5} -> the dict form."""
-    if isinstance(target, str):
-        text = parse_target(target)
-        if text is None:
-            raise UserError("a pruner needs a target such as flops=0.5 or params=0.5")
-        metric, value = text.split("=")
-        return {"metric": metric, "reduction": float(value)}
-    if isinstance(target, Mapping) and set(target) >= {"metric", "reduction"}:
-        return {"metric": str(target["metric"]), "reduction": float(target["reduction"])}
-    raise UserError(f"target must be a string like 'flops=0.5' or a dict with metric and reduction, got {target!r}")
 
 
 def check_reachable(cost: ResourceModel, metric: str, reduction: float, min_keep: float, round_to: int = 1) -> None:
@@ -108,7 +96,8 @@ class Pruner:
         self.cost = ResourceModel(model, self.groups, self.example_input)
         model.train(was_training)
         if self.target is not None:
-            check_reachable(self.cost, self.target["metric"], self.target["reduction"], min_keep, round_to)
+            for metric, reduction in _all(self.target).items():
+                check_reachable(self.cost, metric, reduction, min_keep, round_to)
         else:
             _check_widths(self.groups, self.widths)
         self.seed_pruner: Optional[SeedPruner] = None
@@ -123,7 +112,7 @@ class Pruner:
             if unknown:
                 raise UserError(f"unknown seed-method option(s): {', '.join(sorted(unknown))}")
             config = SeedConfig.for_run(self.target["metric"], self.target["reduction"], epochs, steps_per_epoch,
-                                        min_keep=min_keep, cost_power=cost_power, round_to=round_to,
+                                        also=self.target.get("also"), min_keep=min_keep, cost_power=cost_power, round_to=round_to,
                                         **split, **seed_options)
             self.seed_pruner = SeedPruner(self.groups, self.cost, config)
             self.steps_per_epoch = steps_per_epoch
@@ -209,7 +198,7 @@ class Pruner:
             return keep_top(self.scores(), self.widths)
         t = self.target
         return select(self.scores(), self.cost, t["metric"], t["reduction"], self.min_keep,
-                      cost_power=self.cost_power, round_to=self.round_to)
+                      cost_power=self.cost_power, round_to=self.round_to, also=t.get("also"))
 
     def extract(self, check_input: Optional[torch.Tensor] = None) -> nn.Module:
         """The compact network: a new nn.Module with the switched-off channels physically removed.
@@ -255,6 +244,11 @@ class Pruner:
         if self.seed_pruner is not None and state.get("seed") is not None:
             self.seed_pruner.load_state_dict(state["seed"])
             self._attach()
+
+
+def _all(target: dict) -> dict[str, float]:
+    """{metric: reduction} of every metric a target names."""
+    return {target["metric"]: target["reduction"], **target.get("also", {})}
 
 
 def keep_top(scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> dict[str, torch.Tensor]:

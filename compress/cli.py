@@ -58,7 +58,9 @@ class RunConfig:
     schedule: str = "onecycle"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
-    bf16: bool = False
+    bf16: Optional[bool] = None              # None: bf16 autocast where the hardware has bf16 arithmetic
+    bf16_reason: str = ""                    # why the run trains in bf16 or fp32 (set at the start)
+    time_budget: Optional[float] = None      # minutes: size the training set so training fits (demo)
     channels_last: bool = True
     seed: int = 0
     device: str = "cpu"
@@ -90,12 +92,18 @@ class RunConfig:
     progress: bool = True
 
     @property
+    def target_spec(self) -> Optional[dict]:
+        """The target as report.json holds it: {"metric", "reduction"[, "also"]}."""
+        from compress.prune.targets import target_dict
+        return None if self.target is None else target_dict(self.target)
+
+    @property
     def target_metric(self) -> Optional[str]:
-        return None if self.target is None else self.target.split("=")[0]
+        return None if self.target is None else self.target_spec["metric"]
 
     @property
     def target_reduction(self) -> Optional[float]:
-        return None if self.target is None else float(self.target.split("=")[1])
+        return None if self.target is None else self.target_spec["reduction"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,7 +136,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--dataset", help="cifar10 (default), folder (an image folder given as --data-dir ROOT), or the path "
                         "of an image folder ROOT/train/<class>/*.png|jpg [+ ROOT/test/...]")
     a("--data-dir", help="where the dataset lives / is downloaded to")
-    a("--target", help="flops=R or params=R: the reduction to reach, 0<R<1 (not for --method none)")
+    a("--target", help="flops=R or params=R: the reduction to reach, 0<R<1; or both, flops=R,params=S "
+                        "(both met, each within 1 pp); not for --method none")
     a("--method", choices=None, help=f"one of {', '.join(METHODS)} (default seed)")
     a("--preset", help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET}); explicit flags override it")
     a("--epochs", type=int, help="total epoch budget, all phases included")
@@ -140,7 +149,10 @@ def make_parser() -> argparse.ArgumentParser:
     a("--schedule", help=f"learning-rate schedule per phase: {', '.join(SCHEDULES)}")
     a("--warmup-epochs", type=float, help="linear warm-up for cosine/step")
     a("--label-smoothing", type=float, help="cross-entropy label smoothing (default 0)")
-    _bool_flag(p, "bf16", "bfloat16 autocast (fast on CPUs with AVX-512 bf16 and on recent GPUs)")
+    _bool_flag(p, "bf16", "bfloat16 autocast (default: on where the CPU has bf16 arithmetic — avx512_bf16, "
+                          "amx_bf16 — or the GPU supports it; elsewhere it is slower than fp32)")
+    a("--time-budget", type=float, help="minutes: measure this machine's training speed in a few steps and "
+                                        "train on as many images per epoch as fit (the demo preset's 8)")
     _bool_flag(p, "channels-last", "channels_last memory format (default on)")
     a("--seed", type=int, help="random seed (default 0)")
     a("--device", help="cpu | cuda | cuda:N (default cpu)")
@@ -238,6 +250,8 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if cfg.time_budget is not None and not cfg.time_budget > 0:
+        raise UserError(f"--time-budget must be a positive number of minutes, got {cfg.time_budget}")
     if not cfg.lr > 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
     if cfg.weight_decay < 0 or cfg.momentum < 0 or cfg.warmup_epochs < 0 or cfg.slimming_lambda < 0:
@@ -402,10 +416,13 @@ def _drop_if_empty(work: Optional[Path]) -> None:
 
 def load_data(cfg: RunConfig):
     """The dataset with the run's train/test subsets (seeded draws, kept in their original order)."""
+    from compress.data import load_dataset
+    return subset(load_dataset(cfg.dataset, cfg.data_dir), cfg)
+
+
+def subset(data, cfg: RunConfig):
     import numpy as np
 
-    from compress.data import load_dataset
-    data = load_dataset(cfg.dataset, cfg.data_dir)
     rng = np.random.default_rng(cfg.seed)
     changes = {}
     for split, n in (("train", cfg.train_subset), ("test", cfg.test_subset)):
@@ -433,10 +450,14 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
         torch.cuda.set_device(torch.device(device))
     dist_info = init_distributed(device)
     started = time.time()
-    data = load_data(cfg)
-    num_classes = cfg.num_classes or len(data.classes)
-    hw = tuple(data.x_train.shape[1:3])
+    from compress.data import load_dataset
+    full = load_dataset(cfg.dataset, cfg.data_dir)
+    num_classes = cfg.num_classes or len(full.classes)
+    hw = tuple(full.x_train.shape[1:3])
     input_shape = (1, 3, *hw)
+    if not resume:   # a resumed run keeps the choices its first session made (they are in its config)
+        choose_precision_and_size(cfg, full, num_classes, input_shape, device)
+    data = subset(full, cfg)
 
     torch.manual_seed(cfg.seed)
     plan = methods.make_plan(cfg, data, num_classes=num_classes, input_shape=input_shape)
@@ -471,6 +492,44 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
     print(f"wrote {out}: top1 {slim_top1:.4f}, flops {summary['slim']['flops'] / 1e6:.2f}M "
           f"(-{summary['achieved']['flops_reduction']:.1%}), params {summary['slim']['params'] / 1e6:.3f}M "
           f"(-{summary['achieved']['params_reduction']:.1%})")
+
+
+def choose_precision_and_size(cfg: RunConfig, data, num_classes: int, input_shape: tuple, device: str) -> None:
+    """bf16 or fp32 for this hardware (compress/hardware.py), and with --time-budget the number of
+    training images per epoch that fits; both printed and recorded in the run's config."""
+    import torch
+
+    from compress.hardware import choose_bf16, training_throughput
+    from compress.models import build_model
+
+    cfg.bf16, cfg.bf16_reason = choose_bf16(device, cfg.bf16)
+    print(f"precision: {'bf16 autocast' if cfg.bf16 else 'fp32'} ({cfg.bf16_reason})", file=sys.stderr)
+    if not cfg.time_budget:
+        return
+    available = min(cfg.train_subset or len(data.y_train), len(data.y_train))
+    model = build_model(cfg.model if cfg.method != "scratch" else json_model(cfg.widths_from), num_classes, cfg.width)
+    per_rank = max(cfg.batch_size // int(os.environ.get("WORLD_SIZE", "1")), 1)
+    ips = training_throughput(model, input_shape[1:], per_rank, cfg.bf16, cfg.channels_last, device=device)
+    # 0.8: pruning overhead, data augmentation and the evaluations are not in the probe.
+    import torch.distributed as dist
+    if dist.is_initialized():   # every rank must train on the same images: rank 0's measurement decides
+        shared = torch.tensor([ips], dtype=torch.float64)
+        dist.broadcast(shared, src=0)
+        ips = float(shared)
+    fits = int(0.8 * cfg.time_budget * 60 * ips / cfg.epochs)
+    n = max(min(available, fits), 4 * cfg.batch_size)
+    note = f"{ips:.0f} training images/s measured here ({'bf16' if cfg.bf16 else 'fp32'})"
+    if n < available:
+        print(f"time budget {cfg.time_budget:g} min: {note}; training on {n:,} of {available:,} images x "
+              f"{cfg.epochs} epochs so it fits", file=sys.stderr)
+    else:
+        print(f"time budget {cfg.time_budget:g} min: {note}; all {available:,} images fit", file=sys.stderr)
+    cfg.train_subset = n if n < len(data.y_train) else cfg.train_subset
+
+
+def json_model(widths_from: str) -> str:
+    import json
+    return json.loads((Path(widths_from) / "arch.json").read_text())["model"]
 
 
 def config_as_dict(cfg: RunConfig) -> dict:

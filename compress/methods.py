@@ -207,7 +207,7 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
     """The Plan for `cfg.method` (cfg: compress.cli.RunConfig)."""
     example = torch.zeros(2, *input_shape[1:])
     method = cfg.method
-    target = None if cfg.target is None else {"metric": cfg.target_metric, "reduction": cfg.target_reduction}
+    target = cfg.target_spec
 
     if method == "scratch":
         arch, seed_target = read_widths_run(cfg.widths_from)
@@ -289,9 +289,11 @@ def uniform_model(model: nn.Module, example: torch.Tensor, target: dict, cfg) ->
     the common share by at most a channel or a --round-to step)."""
     groups = find_groups(model, example, cfg.ignore)
     cost = ResourceModel(model, groups, example)
-    check_reachable(cost, target["metric"], target["reduction"], cfg.min_keep, cfg.round_to)
+    for metric, reduction in {target["metric"]: target["reduction"], **target.get("also", {})}.items():
+        check_reachable(cost, metric, reduction, cfg.min_keep, cfg.round_to)
     positional = {g.name: 1.0 - (torch.arange(g.size, dtype=torch.float64) + 0.5) / g.size for g in groups}
-    masks = select(positional, cost, target["metric"], target["reduction"], cfg.min_keep, round_to=cfg.round_to)
+    masks = select(positional, cost, target["metric"], target["reduction"], cfg.min_keep, round_to=cfg.round_to,
+                   also=target.get("also"))
     slim = extract(model, groups, masks, example)
     init_weights(slim)
     return slim

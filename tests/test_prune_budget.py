@@ -42,16 +42,16 @@ def test_target_met(name, metric):
 def test_lowest_scores_go_first_within_a_group():
     groups, cost = prepared("vgg16")
     scores = {g.name: torch.arange(g.size, dtype=torch.float32) for g in groups}
-    masks = select(scores, cost, "flops", 0.5, 1)
+    masks = select(scores, cost, "flops", 0.5, 0.01)
     for g in groups:
         kept = torch.nonzero(masks[g.name]).flatten()
         assert torch.equal(kept, torch.arange(g.size - len(kept), g.size))
 
 
-def test_min_keep_int_and_fraction():
+def test_min_keep_is_a_share_and_at_least_one_channel():
     groups, cost = prepared("resnet56")
     scores = random_scores(groups, 2)
-    for min_keep, floor in [(4, lambda s: min(4, s)), (0.25, lambda s: -(-s // 4))]:
+    for min_keep, floor in [(0.25, lambda s: -(-s // 4)), (0.001, lambda s: 1)]:
         masks = select(scores, cost, "flops", 0.8, min_keep)
         assert all(masks[g.name].sum() >= floor(g.size) for g in groups)
 
@@ -83,7 +83,7 @@ def test_too_few_budget_channels_are_added_back():
     groups, cost = prepared("vgg16")
     scores = random_scores(groups, 4)
     budgets = {g.name: 1 for g in groups}
-    masks = select(scores, cost, "params", 0.5, 1, budgets=budgets)
+    masks = select(scores, cost, "params", 0.5, 0.01, budgets=budgets)
     assert 0.5 <= achieved(cost, "params", masks) <= 0.502
 
 
@@ -102,14 +102,14 @@ def test_unreachable_target_names_the_limit():
 def test_invalid_target(bad):
     groups, cost = prepared("concat")
     with pytest.raises(UserError, match=re.escape("strictly between 0 and 1")):
-        select(random_scores(groups, 0), cost, "flops", bad, 1)
+        select(random_scores(groups, 0), cost, "flops", bad, 0.1)
 
 
 def test_invalid_metric_and_min_keep():
     groups, cost = prepared("concat")
     with pytest.raises(UserError, match="metric"):
-        select(random_scores(groups, 0), cost, "latency", 0.5, 1)
-    for bad in (0, -1, 0.0, 1.5, "2"):
+        select(random_scores(groups, 0), cost, "latency", 0.5, 0.1)
+    for bad in (0, -1, 0.0, 1.5, 2, 4, "2", True):   # a share, not a channel count: 2 used to mean 2 channels
         with pytest.raises(UserError, match="min_keep"):
             select(random_scores(groups, 0), cost, "flops", 0.5, bad)
 

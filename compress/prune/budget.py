@@ -2,21 +2,33 @@
 
     masks = select(scores, cost, "flops", 0.76, min_keep=0.1)           # global, by score
     masks = select(scores, cost, "flops", 0.76, 0.1, budgets=counts)    # per-group counts, adjusted
+    masks = select(scores, cost, "flops", 0.76, 0.1, round_to=8)        # widths in multiples of 8
 
-Greedy knapsack in two passes, on the exact resource model (`cost.ResourceModel`):
+One greedy knapsack in two passes, on the exact resource model (`cost.ResourceModel`), over the
+widths each group may take (any count from its minimum width up; with `round_to`, multiples of it
+and the whole group):
 
-1. Remove: while the network is above the target, drop the channel with the lowest
-   score / (resource its removal saves)**cost_power (0, the default: score alone). Savings are recomputed after every removal, since a
-   layer's cost is bilinear in the widths of its input and output groups: thinning a layer makes
-   its neighbours' channels cheaper. A group never goes below `min_keep`.
-2. Fix up: while some removed channel fits in the slack left under the target, put back the one
-   with the highest score / (resource it costs). So the result is at or just under the target:
-   the reduction reached is >= the target and exceeds it by less than the cheapest channel.
+1. Remove: while the network is above the target, take the step down (to a group's next allowed
+   width) whose removed channels have the lowest mean score / (resource the step saves)**cost_power
+   (0, the default: score alone); equal priority: the bigger saving first. Savings are recomputed
+   after every step, since a layer's cost is bilinear in the widths of its input and output groups.
+2. Fill: while some step up fits in the slack left under the target, take the one whose channels
+   have the highest mean score / (resource it costs)**cost_power. So the result is at or just under
+   the target: the reduction reached is >= the target and exceeds it by less than the cheapest step.
+
+A joint target (`also={"params": 0.92}` beside flops=0.76) adds constraints: all must be met.
+Once the first is met, the remove pass ranks by score per unit of the still-unmet resource saved
+(a channel that saves parameters but few FLOPs goes first), and an exchange pass then trades:
+put back the best step that costs the most of the resource with slack per unit of the tight
+one, take away the cheapest steps that restore the tight one, while that brings the loose
+resource closer to its target. Both land within 1 pp when the model's widths allow it; otherwise
+`select` raises UserError naming what was reached.
 
 With `budgets` (channels per group, as the seed method's redistribution sets them) each group
-keeps its top-scored channels at its budget, then the same two passes move the counts the least
-needed to land on the target. Scores are compared across groups as given: criteria normalise.
-Ties are broken deterministically, so every DDP rank given the same scores picks the same masks.
+starts at its budget (its nearest allowed width), then the same passes move the counts the least
+needed to land on the target. Each group keeps its top-scored channels. Scores are compared across
+groups as given: criteria normalise. Ties are broken deterministically, so every DDP rank given the
+same scores picks the same masks.
 """
 from __future__ import annotations
 
@@ -31,68 +43,90 @@ from compress.prune.cost import ResourceModel
 from compress.prune.targets import check_target
 
 
-def min_counts(cost: ResourceModel, min_keep: int | float) -> np.ndarray:
-    """The fewest channels each group may keep: an int, or a fraction of the group's size."""
-    sizes = cost.sizes
-    if isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)):
-        raise UserError(f"min_keep must be an integer >= 1 or a fraction in (0, 1], got {min_keep!r}")
-    if isinstance(min_keep, int) or (isinstance(min_keep, float) and min_keep > 1 and min_keep.is_integer()):
-        if min_keep < 1:
-            raise UserError(f"min_keep must be at least 1 channel, got {min_keep}")
-        return np.minimum(sizes, int(min_keep)).astype(np.float64)
-    if not 0 < min_keep <= 1:
-        raise UserError(f"min_keep as a fraction must be in (0, 1], got {min_keep}")
-    return np.array([max(1, math.ceil(min_keep * s - 1e-9)) for s in sizes], dtype=np.float64)
+def min_counts(cost: ResourceModel, min_keep: float) -> np.ndarray:
+    """The fewest channels each group may keep: the share `min_keep` of it, and at least one."""
+    if isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or not 0 < min_keep <= 1:
+        raise UserError(f"min_keep is the share of each layer's channels always kept, in (0, 1] "
+                        f"(at least 1 channel is kept in any case), got {min_keep!r}")
+    return np.array([max(1, math.ceil(min_keep * s - 1e-9)) for s in cost.sizes], dtype=np.float64)
 
 
-def max_reduction(cost: ResourceModel, metric: str, min_keep: int | float, round_to: int = 1) -> float:
-    """The largest reduction reachable with every group at its minimum width (rounded up to a
-    multiple of `round_to`)."""
-    return 1.0 - cost.resource(metric, _lowest(cost, min_keep, round_to)) / cost.dense(metric)
+def allowed_widths(cost: ResourceModel, min_keep: float, round_to: int = 1) -> list[np.ndarray]:
+    """Per group, the widths it may keep, ascending: every count from its minimum width up, or with
+    `round_to` > 1 the multiples of it (from the minimum width rounded up) and the whole group."""
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise UserError(f"round_to must be an integer >= 1, got {round_to!r}")
+    out = []
+    for size, low in zip(cost.sizes, min_counts(cost, min_keep)):
+        first = max(round_to, math.ceil(low / round_to) * round_to) if round_to > 1 else int(low)
+        widths = set(range(first, int(size), round_to)) | {int(size)}
+        out.append(np.array(sorted(widths), dtype=np.float64))
+    return out
 
 
-def _lowest(cost: ResourceModel, min_keep: int | float, round_to: int) -> np.ndarray:
-    """`min_counts`, rounded up to the first width `round_to` allows."""
-    lowest = min_counts(cost, min_keep)
-    if round_to > 1:
-        lowest = np.array([_valid_counts(s, lo, round_to)[0] for s, lo in zip(cost.sizes, lowest)], dtype=np.float64)
-    return lowest
+def max_reduction(cost: ResourceModel, metric: str, min_keep: float, round_to: int = 1) -> float:
+    """The largest reduction reachable with every group at its smallest allowed width."""
+    lowest = np.array([w[0] for w in allowed_widths(cost, min_keep, round_to)])
+    return 1.0 - cost.resource(metric, lowest) / cost.dense(metric)
 
 
 def achieved(cost: ResourceModel, metric: str, masks: Mapping[str, torch.Tensor]) -> float:
     return 1.0 - cost.resource(metric, masks) / cost.dense(metric)
 
 
-def _addition_costs(cost: ResourceModel, metric: str, k: np.ndarray) -> np.ndarray:
-    """Exact resource added by keeping one more channel of each group, at widths `k`."""
-    width_in = cost.c_in + cost.a_in @ k
-    width_out = cost.c_out + cost.a_out @ k
-    ab, b = cost.ab[metric][:, None], cost.b[metric][:, None]
-    per_layer = ab * (width_out[:, None] * cost.a_in + cost.a_out * width_in[:, None]
-                      + cost.a_out * cost.a_in) + b * cost.a_out
-    return per_layer.sum(axis=0)
-
-
 def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str, reduction: float,
-           min_keep: int | float, budgets: Mapping[str, int] | None = None,
-           cost_power: float = 0.0, round_to: int = 1) -> dict[str, torch.Tensor]:
+           min_keep: float, budgets: Mapping[str, int] | None = None,
+           cost_power: float = 0.0, round_to: int = 1,
+           also: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Boolean keep-masks per group meeting `reduction` of `metric` (see the module docstring).
     Channels are ranked by score / resource**cost_power: 1 = score per unit of FLOPs/params saved
     (thins the layers where a channel is expensive), 0 = score alone (the predecessor's global
     ranking; the budget only decides how far down the ranking to cut). 0 is the default: 1 cut
     whole layers in turn and lost 5-10 points of top-1 on VGG-16 (BENCHMARKS.md)."""
-    reduction = check_target(metric, reduction)
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise UserError(f"round_to must be an integer >= 1, got {round_to!r}")
-    lowest = _lowest(cost, min_keep, round_to)
-    reachable = 1.0 - cost.resource(metric, lowest) / cost.dense(metric)   # max_reduction, from `lowest`
-    if reduction > reachable + 1e-12:
-        raise UserError(f"a {reduction:.1%} {metric} reduction is out of reach: with at least "
-                        f"{min_keep} channel(s) kept per layer the most is {reachable:.1%} "
-                        f"(lower the target or the minimum width)")
-    target = cost.dense(metric) * (1.0 - reduction)
+    targets = {metric: check_target(metric, reduction)}
+    for m, r in (also or {}).items():
+        if m in targets:
+            raise UserError(f"the target names {m} twice")
+        targets[m] = check_target(m, r)
+    widths = allowed_widths(cost, min_keep, round_to)
+    lowest = np.array([w[0] for w in widths])
+    for m, r in targets.items():
+        reachable = 1.0 - cost.resource(m, lowest) / cost.dense(m)
+        if r > reachable + 1e-12:
+            raise UserError(f"a {r:.1%} {m} reduction is out of reach: with at least "
+                            f"{min_keep:g} of every layer's channels kept the most is {reachable:.1%} "
+                            f"(lower the target or the minimum width)")
+    limits = {m: cost.dense(m) * (1.0 - r) for m, r in targets.items()}
+    order, ranked = _rank(scores, cost)
+    if budgets is None:
+        k = cost.sizes.astype(np.float64)
+    else:   # each group's nearest allowed width to its budget
+        k = np.array([w[np.argmin(np.abs(w - budgets.get(n, w[-1])))] for n, w in zip(cost.names, widths)])
+    greedy = _Greedy(ranked, widths, cost, limits, cost_power)
+    k = greedy.fill(greedy.remove(k))
+    if len(limits) > 1:
+        k = greedy.exchange(k)
+        missed = {m: achieved_k(cost, m, k) for m, r in targets.items() if achieved_k(cost, m, k) > r + JOINT_TOLERANCE}
+        if missed:
+            got = ", ".join(f"{m} -{achieved_k(cost, m, k):.1%}" for m in targets)
+            raise UserError(f"cannot hit {', '.join(f'{m}={r:g}' for m, r in targets.items())} within "
+                            f"{JOINT_TOLERANCE:.0%} at once with these minimum widths: the closest selection "
+                            f"removes {got}")
+    elif round_to == 1:
+        k = _tighten(k, cost, metric, limits[metric], greedy)
+    return _masks(cost, order, k)
 
-    # Channels of each group in the order they go (lowest score first; ties by index).
+
+JOINT_TOLERANCE = 0.01   # a joint target: every metric within 1 pp above its target
+
+
+def achieved_k(cost: ResourceModel, metric: str, k: np.ndarray) -> float:
+    return 1.0 - cost.resource(metric, k) / cost.dense(metric)
+
+
+def _rank(scores: Mapping[str, torch.Tensor], cost: ResourceModel) -> tuple[list, list]:
+    """Per group: its channels in the order they go (lowest score first; ties by index), and their
+    scores in that order, with cumulative sums for the mean score of any step."""
     order, ranked = [], []
     for name in cost.names:
         if name not in scores:
@@ -103,57 +137,146 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
             raise ValueError(f"scores for group {name!r} have shape {s.shape}, expected ({cost.sizes[cost.index[name]]},)")
         idx = np.argsort(s, kind="stable")
         order.append(idx)
-        ranked.append(s[idx])
+        ranked.append(np.concatenate([[0.0], np.cumsum(s[idx])]))
+    return order, ranked
 
-    if round_to > 1:
-        k = _select_rounded(ranked, cost, metric, target, lowest, budgets, cost_power, round_to)
-        return _masks(cost, order, k)
 
-    sizes = cost.sizes.astype(np.float64)
-    if budgets is None:
-        k = sizes.copy()
-    else:
-        k = np.array([float(budgets.get(name, cost.sizes[i])) for i, name in enumerate(cost.names)])
-        k = np.clip(np.round(k), lowest, sizes)
+class _Greedy:
+    """The two passes of the module docstring over allowed widths, vectorised over the groups."""
 
-    def removable_priority(k):
-        saving = cost.removal_savings(metric, k)
-        gone = (sizes - k).astype(int)
-        next_score = np.array([r[g] if g < len(r) else np.inf for r, g in zip(ranked, gone)])
-        ok = (k > lowest) & (saving > 0)
-        return np.where(ok, next_score / np.where(saving > 0, saving, 1.0) ** cost_power, np.inf), saving
+    def __init__(self, cumulative, widths, cost: ResourceModel, limits: Mapping[str, float], cost_power: float):
+        self.cumulative, self.widths, self.cost = cumulative, widths, cost
+        self.limits, self.power = dict(limits), cost_power
+        self.sizes = cost.sizes.astype(np.float64)
+        self.lowest = np.array([w[0] for w in widths])
+        self.contiguous = all(len(w) == w[-1] - w[0] + 1 for w in widths)   # every count allowed: steps of 1
 
-    def remove_to_target(k, frozen=None):
-        current = cost.resource(metric, k)
-        while current > target:
-            priority, saving = removable_priority(k)
+    def _neighbours(self, k: np.ndarray, down: bool) -> np.ndarray:
+        """Each group's next allowed width below (or above) k; NaN where there is none."""
+        if self.contiguous:
+            return np.where(k > self.lowest, k - 1, np.nan) if down else np.where(k < self.sizes, k + 1, np.nan)
+        out = np.full(len(k), np.nan)
+        for g, w in enumerate(self.widths):
+            i = np.searchsorted(w, k[g])
+            j = i - 1 if down else (i + 1 if i < len(w) and w[i] == k[g] else i)
+            if 0 <= j < len(w):
+                out[g] = w[j]
+        return out
+
+    def _mean_score(self, k: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """Mean score of the channels between widths k and new in each group (its ranking's slice)."""
+        out = np.full(len(k), np.nan)
+        for g in np.flatnonzero(~np.isnan(new)):
+            lo, hi = sorted((int(self.sizes[g] - k[g]), int(self.sizes[g] - new[g])))
+            out[g] = (self.cumulative[g][hi] - self.cumulative[g][lo]) / (hi - lo)
+        return out
+
+    def _over(self, k: np.ndarray) -> list[str]:
+        return [m for m, limit in self.limits.items() if self.cost.resource(m, k) > limit]
+
+    def _fits(self, k: np.ndarray, changes: dict) -> np.ndarray:
+        return np.logical_and.reduce([self.cost.resource(m, k) + changes[m] <= limit
+                                      for m, limit in self.limits.items()])
+
+    def remove(self, k: np.ndarray, frozen=None) -> np.ndarray:
+        """The remove pass; `frozen`: a group index (or array of them) that must not shrink."""
+        k = k.copy()
+        over = self._over(k)
+        while over:
+            new = self._neighbours(k, down=True)
             if frozen is not None:
-                priority[frozen] = np.inf
-            if not np.isfinite(priority).any():
-                break  # cannot happen when the target is reachable; guards against a silent loop
+                new[frozen] = np.nan
+            step = np.nan_to_num(new - k)
+            # Saving on the resources still over their limit (relative to dense when there are
+            # several); once another is met, always per unit of saving (the lagging one steers).
+            saving = sum(-self.cost.change(m, k, step) / (self.cost.dense(m) if len(self.limits) > 1 else 1.0)
+                         for m in over)
+            power = self.power if len(over) == len(self.limits) else max(self.power, 1.0)
+            ok = ~np.isnan(new) & (saving > 0)
+            if not ok.any():
+                break   # cannot happen when the target is reachable; guards against a silent loop
+            priority = np.where(ok, self._mean_score(k, new) / np.where(ok, saving, 1.0) ** power, np.inf)
             best = np.flatnonzero(priority == priority.min())
-            g = best[np.argmax(saving[best])]  # equal priority: the bigger saving first
-            k[g] -= 1
-            current = cost.resource(metric, k)
+            g = best[np.argmax(saving[best])]
+            k[g] = new[g]
+            over = self._over(k)
         return k
 
-    def fill_slack(k):  # spend the slack under the target on the best channels that still fit
-        current = cost.resource(metric, k)
+    def fill(self, k: np.ndarray) -> np.ndarray:
+        k = k.copy()
+        metric = next(iter(self.limits))
         while True:
-            add = _addition_costs(cost, metric, k)
-            gone = (sizes - k).astype(int)
-            fits = (k < sizes) & (current + add <= target)
+            new = self._neighbours(k, down=False)
+            step = np.nan_to_num(new - k)
+            changes = {m: self.cost.change(m, k, step) for m in self.limits}
+            fits = ~np.isnan(new) & self._fits(k, changes)
             if not fits.any():
                 return k
-            next_score = np.array([r[g - 1] if g > 0 else -np.inf for r, g in zip(ranked, gone)])
-            value = np.where(fits, next_score / np.maximum(add, 1e-12) ** cost_power, -np.inf)
-            k[int(np.argmax(value))] += 1
-            current = cost.resource(metric, k)
+            value = np.where(fits, self._mean_score(k, new) / np.maximum(changes[metric], 1e-12) ** self.power, -np.inf)
+            g = int(np.argmax(value))
+            k[g] = new[g]
 
-    k = fill_slack(remove_to_target(k))
-    k = _tighten(k, cost, metric, target, sizes, lambda k, g: fill_slack(remove_to_target(k, frozen=g)))
+    def exchange(self, k: np.ndarray, rounds: int = 2000) -> np.ndarray:
+        """Joint targets: while the resource with the most slack is more than half a point under its
+        limit, put back the step that spends most of it per unit of the tightest resource, then remove
+        what restores the tight one; keep the trade only if the loose resource got closer."""
+        dense = {m: self.cost.dense(m) for m in self.limits}
 
-    return _masks(cost, order, k)
+        def slack(m, k):
+            return (self.limits[m] - self.cost.resource(m, k)) / dense[m]
+
+        for _ in range(rounds):
+            loose = max(self.limits, key=lambda m: slack(m, k))
+            if slack(loose, k) <= JOINT_TOLERANCE / 2:
+                break
+            tight = min(self.limits, key=lambda m: slack(m, k))
+            new = self._neighbours(k, down=False)
+            step = np.nan_to_num(new - k)
+            spend = self.cost.change(loose, k, step) / dense[loose]
+            cost = np.maximum(self.cost.change(tight, k, step) / dense[tight], 1e-12)
+            ratio = np.where(~np.isnan(new) & (spend > 0), spend / cost, -np.inf)
+            down = self._neighbours(k, down=True)
+            d_step = np.nan_to_num(down - k)
+            back = -self.cost.change(loose, k, d_step) / dense[loose]          # loose resource a removal gives back
+            freed = np.maximum(-self.cost.change(tight, k, d_step) / dense[tight], 1e-12)
+            back_ratio = np.where(np.isnan(down), np.inf, back / freed)
+            for g in np.argsort(-ratio, kind="stable"):   # the best trade that works
+                if not np.isfinite(ratio[g]):
+                    return self.fill(k)
+                trial = k.copy()
+                trial[g] = new[g]
+                # take back only from groups that spend less of the loose resource per unit of the tight one
+                trial = self.remove(trial, frozen=np.flatnonzero((back_ratio >= ratio[g]) | (np.arange(len(k)) == g)))
+                if not self._over(trial) and 0 <= slack(loose, trial) < slack(loose, k):
+                    k = trial
+                    break
+            else:
+                break
+        return self.fill(k)
+
+
+def _tighten(k, cost, metric, limit, greedy: _Greedy, rounds: int = 20, good_enough: float = 0.001):
+    """Small networks: when one channel is a large share of the total, the greedy passes can stop
+    well under the target. Try keeping one more channel somewhere and re-settling; keep the
+    change when it lands closer to the target. Large networks are already within 0.1 pp."""
+    dense = cost.dense(metric)
+    slack = limit - cost.resource(metric, k)
+    sizes = cost.sizes
+    for _ in range(rounds):
+        if slack <= good_enough * dense:
+            break
+        best = None
+        for g in np.flatnonzero(k < sizes):
+            trial = k.copy()
+            trial[g] += 1
+            trial = greedy.fill(greedy.remove(trial, frozen=g))
+            trial_slack = limit - cost.resource(metric, trial)
+            if 0 <= trial_slack < slack and (best is None or trial_slack < best[0]):
+                best = (trial_slack, trial)
+        if best is None:
+            break
+        slack, k = best
+    return k
 
 
 def _masks(cost: ResourceModel, order: list, k: np.ndarray) -> dict[str, torch.Tensor]:
@@ -164,87 +287,6 @@ def _masks(cost: ResourceModel, order: list, k: np.ndarray) -> dict[str, torch.T
         keep[torch.as_tensor(removed, dtype=torch.long)] = False
         masks[name] = keep
     return masks
-
-
-def _valid_counts(size: int, lowest: float, round_to: int) -> list[int]:
-    """Widths a group may keep with `round_to`: multiples of it from the minimum width up, and
-    the whole group (whatever its size)."""
-    first = max(round_to, math.ceil(lowest / round_to) * round_to)
-    return sorted({c for c in range(first, int(size), round_to)} | {int(size)})
-
-
-def _select_rounded(ranked, cost, metric, target, lowest, budgets, cost_power, round_to) -> np.ndarray:
-    """Widths in multiples of `round_to` (vector units fill better; see BENCHMARKS.md, ResNet-56).
-    The same greedy as `select` in steps of one multiple: remove the step whose dropped channels
-    have the lowest mean score per resource saved**cost_power until under the target, then put
-    back the best steps that still fit. Lands at or under the target by less than one step."""
-    valid = [_valid_counts(s, lo, round_to) for s, lo in zip(cost.sizes, lowest)]
-    if budgets is None:
-        k = cost.sizes.astype(np.float64)
-    else:   # the nearest allowed width to each budget
-        k = np.array([min(v, key=lambda c: (abs(c - budgets.get(n, v[-1])), c))
-                      for n, v in zip(cost.names, valid)], dtype=np.float64)
-
-    def step_to(g: int, k: np.ndarray, down: bool) -> int | None:
-        v = valid[g]
-        i = v.index(int(k[g]))
-        j = i - 1 if down else i + 1
-        return v[j] if 0 <= j < len(v) else None
-
-    def value(g: int, k: np.ndarray, new: int) -> tuple[float, float]:
-        """(mean score of the channels the step moves, resource it changes)."""
-        gone_now, gone_new = int(cost.sizes[g] - k[g]), int(cost.sizes[g] - new)
-        lo, hi = sorted((gone_now, gone_new))
-        trial = k.copy()
-        trial[g] = new
-        delta = abs(cost.resource(metric, k) - cost.resource(metric, trial))
-        return float(np.mean(ranked[g][lo:hi])), float(delta)
-
-    def steps(k: np.ndarray, down: bool):
-        """(group, new width, mean score of the channels moved, resource changed) per possible step."""
-        for g in range(len(valid)):
-            new = step_to(g, k, down)
-            if new is not None:
-                yield (g, new, *value(g, k, new))
-
-    while cost.resource(metric, k) > target:
-        options = [(score / saved ** cost_power, -saved, g, new)
-                   for g, new, score, saved in steps(k, down=True) if saved > 0]
-        if not options:
-            break   # cannot happen when the target is reachable
-        _, _, g, new = min(options, key=lambda o: o[:2])
-        k[g] = new
-    while True:   # spend the slack on the best steps that still fit
-        current = cost.resource(metric, k)
-        options = [(score / max(added, 1e-12) ** cost_power, g, new)
-                   for g, new, score, added in steps(k, down=False) if current + added <= target]
-        if not options:
-            return k
-        _, g, new = max(options, key=lambda o: o[0])
-        k[g] = new
-
-
-def _tighten(k, cost, metric, target, sizes, settle, rounds: int = 20, good_enough: float = 0.001):
-    """Small networks: when one channel is a large share of the total, the greedy passes can stop
-    well under the target. Try keeping one more channel somewhere and re-settling; keep the
-    change when it lands closer to the target. Large networks are already within 0.1 pp."""
-    dense = cost.dense(metric)
-    slack = target - cost.resource(metric, k)
-    for _ in range(rounds):
-        if slack <= good_enough * dense:
-            break
-        best = None
-        for g in np.flatnonzero(k < sizes):
-            trial = k.copy()
-            trial[g] += 1
-            trial = settle(trial, g)
-            trial_slack = target - cost.resource(metric, trial)
-            if 0 <= trial_slack < slack and (best is None or trial_slack < best[0]):
-                best = (trial_slack, trial)
-        if best is None:
-            break
-        slack, k = best
-    return k
 
 
 def counts(masks: Mapping[str, torch.Tensor]) -> dict[str, int]:

@@ -140,14 +140,19 @@ class ResourceModel:
     def dense(self, metric: str) -> int:
         return self.dense_flops if metric == "flops" else self.dense_params
 
-    def removal_savings(self, metric: str, k: np.ndarray) -> np.ndarray:
-        """Exact resource saved by removing one more channel of each group, at widths `k`."""
+    def change(self, metric: str, k: np.ndarray, step: np.ndarray) -> np.ndarray:
+        """Exact change of the resource when group g alone goes from k[g] to k[g] + step[g], for
+        every g at once (the resource is bilinear in the widths of a layer's input and output)."""
         width_in = self.c_in + self.a_in @ k
         width_out = self.c_out + self.a_out @ k
+        d_in, d_out = self.a_in * step[None, :], self.a_out * step[None, :]
         ab, b = self.ab[metric][:, None], self.b[metric][:, None]
-        per_layer = ab * (width_out[:, None] * self.a_in + self.a_out * width_in[:, None]
-                          - self.a_out * self.a_in) + b * self.a_out
+        per_layer = ab * (d_in * width_out[:, None] + width_in[:, None] * d_out + d_in * d_out) + b * d_out
         return per_layer.sum(axis=0)
+
+    def removal_savings(self, metric: str, k: np.ndarray) -> np.ndarray:
+        """Exact resource saved by removing one more channel of each group, at widths `k`."""
+        return -self.change(metric, k, -np.ones(len(self.sizes)))
 
 
 def _output_positions(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:

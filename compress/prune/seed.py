@@ -149,9 +149,11 @@ class SeedPruner:
 
     def _select(self, first: bool = False) -> dict[str, torch.Tensor]:
         cfg = self.config
+        share = self.target_now() / cfg.reduction   # the ramp moves every metric of a joint target alike
+        also = {m: max(r * share, 1e-6) for m, r in (cfg.also or {}).items()}
         return budget.select(self.utility, self.cost, cfg.metric, self.target_now(), cfg.min_keep,
                              budgets=None if first else self.budgets, cost_power=cfg.cost_power,
-                             round_to=cfg.round_to)
+                             round_to=cfg.round_to, also=also)
 
     def _apply(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         flipped = sum(int((masks[n] != self.masks[n]).sum()) for n in masks) if self.masks is not None else 0

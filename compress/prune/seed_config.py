@@ -32,9 +32,12 @@ class SeedConfig:
     redistribute_by: str = "utility"  # layer significance xi (module docstring)
     round_to: int = 1                # kept widths in multiples of this (budget.select)
     soft: bool = False               # switched-off channels fade out until freeze_at
+    also: dict | None = None         # a joint target: {other metric: its reduction}, met as well
 
     def __post_init__(self):
         check_target(self.metric, self.reduction)
+        for m, r in (self.also or {}).items():
+            check_target(m, r)
         if self.redistribute_by not in REDISTRIBUTE_BY:
             raise UserError(f"redistribute_by must be one of {', '.join(REDISTRIBUTE_BY)}, "
                             f"got {self.redistribute_by!r}")
