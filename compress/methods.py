@@ -275,7 +275,8 @@ def seed_options(cfg) -> dict:
     """The seed method's knobs given on the command line (the rest take compress/prune/seed_config.py's)."""
     given = {"warmup": cfg.prune_warmup, "ramp": cfg.prune_ramp, "end": cfg.prune_end,
              "settle_epochs": cfg.prune_settle, "smoothing": cfg.prune_smoothing, "update_every": cfg.prune_every,
-             "redistribute": cfg.redistribute, "redistribute_by": cfg.redistribute_by, "soft": cfg.soft_masks}
+             "redistribute": cfg.redistribute, "redistribute_by": cfg.redistribute_by, "soft": cfg.soft_masks,
+             "hysteresis": cfg.prune_hysteresis}
     return {k: v for k, v in given.items() if v is not None}
 
 

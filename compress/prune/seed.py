@@ -52,6 +52,10 @@ What the paper (EURASIP JASP 2021/31) fixes, and what we chose where it is silen
 * Soft masks (ours, `soft`): a switched-off channel is scaled by a factor that falls linearly
   from 1 at the end of the warm-up to 0 at `freeze_at`, instead of dropping to 0 at once: the
   network learns to do without it while it still contributes, and its weights still learn.
+* Hysteresis (ours, `hysteresis`): when masks are recomputed a kept channel's utility counts
+  (1 + h): a switched-off channel comes back only when it is clearly better, not on one noisy
+  estimate. Measured without it (VGG-16, -90 % FLOPs, 4 epochs): ~9,000 channel flips in the first
+  masked epoch for ~1,000 kept channels, i.e. the masks never settled.
 * Minimum width: a share of each layer's channels, at least 1 (`min_keep`).
 * Freeze: no mask changes after step `freeze_at`; the network is cut at an epoch boundary at
   least `settle_steps` later (one epoch by default), so every channel it keeps has been trained
@@ -151,7 +155,10 @@ class SeedPruner:
         cfg = self.config
         share = self.target_now() / cfg.reduction   # the ramp moves every metric of a joint target alike
         also = {m: max(r * share, 1e-6) for m, r in (cfg.also or {}).items()}
-        return budget.select(self.utility, self.cost, cfg.metric, self.target_now(), cfg.min_keep,
+        scores = self.utility
+        if cfg.hysteresis and self.masks is not None:   # a switched-off channel must beat a kept one clearly
+            scores = {n: u * torch.where(self.masks[n], 1.0 + cfg.hysteresis, 1.0) for n, u in self.utility.items()}
+        return budget.select(scores, self.cost, cfg.metric, self.target_now(), cfg.min_keep,
                              budgets=None if first else self.budgets, cost_power=cfg.cost_power,
                              round_to=cfg.round_to, also=also)
 

@@ -33,6 +33,7 @@ class SeedConfig:
     round_to: int = 1                # kept widths in multiples of this (budget.select)
     soft: bool = False               # switched-off channels fade out until freeze_at
     also: dict | None = None         # a joint target: {other metric: its reduction}, met as well
+    hysteresis: float = 0.0          # a kept channel's utility counts (1 + this) when masks are recomputed
 
     def __post_init__(self):
         check_target(self.metric, self.reduction)
@@ -45,6 +46,9 @@ class SeedConfig:
             raise UserError(f"the mask update interval must be >= 1 step, got {self.update_every}")
         if not 0 <= self.smoothing < 1:
             raise UserError(f"the utility smoothing eps must be in [0, 1), got {self.smoothing}")
+        if not 0 <= self.hysteresis <= 10:
+            raise UserError(f"hysteresis must be in [0, 10] (0.2: a channel must beat a kept one by 20 %), "
+                            f"got {self.hysteresis}")
         if not 0 <= self.redistribute < 1:
             raise UserError(f"s, the share of channels redistributed, must be in [0, 1), got {self.redistribute}")
         if not 0 < self.min_keep <= 1:
