@@ -18,7 +18,7 @@ def _masked_and_extracted(model, x, reduction=0.5, seed=0):
     model = randomize_bn(model).eval()
     groups = find_groups(model, x[:1])
     cost = ResourceModel(model, groups, x[:1])
-    masks = select(random_scores(groups, seed), cost, "flops", reduction, 1)
+    masks = select(random_scores(groups, seed), cost, "flops", reduction, 0.01)
     masker = ChannelMasker(model, groups)
     masker.set(masks)
     with torch.no_grad():
