@@ -280,13 +280,13 @@ def run(cfg, importance: str, *, work: Path, out: Path, resume: bool) -> None:
     started = time.time()
     if cfg.target_spec.get("also"):
         raise UserError("the Torch-Pruning peer prunes to one metric: give flops=R or params=R, not both")
-    full = load_dataset(cfg.dataset, cfg.data_dir)
+    full = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
     num_classes = cfg.num_classes or len(full.classes)
     hw = tuple(full.x_train.shape[1:3])
     input_shape = (1, 3, *hw)
     if not resume:   # the same precision (and --time-budget sizing) rule as compress
         compress_cli.choose_precision_and_size(cfg, full, num_classes, input_shape, cfg.device)
-    data = compress_cli.subset(full, cfg)
+    data = compress_cli.draw_subsets(full, cfg)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes, cfg.width)

@@ -46,6 +46,7 @@ class RunConfig:
     num_classes: Optional[int] = None        # None: the dataset's
     dataset: str = "cifar10"
     data_dir: Optional[str] = None
+    image_size: Optional[int] = None         # image folders: resize every image to this square size
     target: Optional[str] = None             # "flops=0.76" | "params=0.5" | None (method none)
     method: str = "seed"
     preset: str = DEFAULT_PRESET
@@ -137,6 +138,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--dataset", help="cifar10 (default), folder (an image folder given as --data-dir ROOT), or the path "
                         "of an image folder ROOT/train/<class>/*.png|jpg [+ ROOT/test/...]")
     a("--data-dir", help="where the dataset lives / is downloaded to")
+    a("--image-size", type=int, help="image folders: resize every image to SIZE x SIZE (default: the first "
+                                     "image's size; cifar10 is 32)")
     a("--target", help="flops=R or params=R: the reduction to reach, 0<R<1; or both, flops=R,params=S "
                         "(both met, each within 1 pp); not for --method none")
     a("--method", choices=None, help=f"one of {', '.join(METHODS)} (default seed)")
@@ -253,6 +256,8 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        raise UserError(f"--image-size must be at least 8 pixels, got {cfg.image_size}")
     if cfg.time_budget is not None and not cfg.time_budget > 0:
         raise UserError(f"--time-budget must be a positive number of minutes, got {cfg.time_budget}")
     if not cfg.lr > 0:
@@ -417,13 +422,8 @@ def _drop_if_empty(work: Optional[Path]) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def load_data(cfg: RunConfig):
-    """The dataset with the run's train/test subsets (seeded draws, kept in their original order)."""
-    from compress.data import load_dataset
-    return subset(load_dataset(cfg.dataset, cfg.data_dir), cfg)
-
-
-def subset(data, cfg: RunConfig):
+def draw_subsets(data, cfg: RunConfig):
+    """--train-subset / --test-subset: seeded draws, kept in their original order."""
     import numpy as np
 
     rng = np.random.default_rng(cfg.seed)
@@ -454,13 +454,13 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
     dist_info = init_distributed(device)
     started = time.time()
     from compress.data import load_dataset
-    full = load_dataset(cfg.dataset, cfg.data_dir)
+    full = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
     num_classes = cfg.num_classes or len(full.classes)
     hw = tuple(full.x_train.shape[1:3])
     input_shape = (1, 3, *hw)
     if not resume:   # a resumed run keeps the choices its first session made (they are in its config)
         choose_precision_and_size(cfg, full, num_classes, input_shape, device)
-    data = subset(full, cfg)
+    data = draw_subsets(full, cfg)
 
     torch.manual_seed(cfg.seed)
     plan = methods.make_plan(cfg, data, num_classes=num_classes, input_shape=input_shape)
