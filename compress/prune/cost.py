@@ -4,6 +4,12 @@
     cost.flops({"features.0": 32})          # MACs with 32 of that group's channels kept
     cost.params(masks)                       # keep counts or boolean masks, per group name
 
+What is counted, as compress.flops.count counts it: MACs of Conv2d and Linear (nothing else costs
+FLOPs by that convention); the parameters of Conv2d, Linear and BatchNorm as functions of the
+widths, every other parameter as a constant. That is exact because find_groups admits only Conv2d,
+BatchNorm and Linear layers on a pruned channel axis (anything else with parameters there, e.g. a
+GroupNorm, is refused before training, naming the layer).
+
 Exact by construction: one traced pass records every Conv2d/Linear's kernel and output size,
 and each layer's input/output width is a constant plus (features per channel) x (channels kept)
 for every group that touches it. A layer's MACs are then out * in * k*k * H*W (out * k*k * H*W
@@ -17,6 +23,7 @@ the budgeted selection can re-evaluate marginal costs after every removed channe
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -27,6 +34,21 @@ from compress.errors import UserError
 from compress.flops import forward_with_hooks
 from compress.prune.graph import ChannelGroup
 from compress.prune.targets import METRICS
+
+
+@dataclass
+class _Layer:
+    """One Conv2d/Linear/BN: its input and output widths as c + sum over groups of a[g] * kept[g],
+    and its FLOPs and params as ab * out * in + b * out."""
+    name: str
+    c_in: float
+    c_out: float
+    a_in: dict = field(default_factory=dict)
+    a_out: dict = field(default_factory=dict)
+    flops_ab: float = 0.0
+    flops_b: float = 0.0
+    params_ab: float = 0.0
+    params_b: float = 0.0
 
 
 class ResourceModel:
@@ -47,7 +69,7 @@ class ResourceModel:
                                     f"({len(member.idxs)} indices for {group.size} channels)")
                 coef.setdefault((member.module, member.kind), {})[gi] = per_channel
 
-        rows = []  # (name, c_in, a_in, c_out, a_out, flops_ab, flops_b, params_ab, params_b)
+        rows: list[_Layer] = []
         changing_params = 0
         for name, module in model.named_modules():
             a_in = coef.get((name, "in"), {})
@@ -61,21 +83,22 @@ class ResourceModel:
                 positions = spatial.get(name, 0)
                 c_in, c_out = module.in_channels, module.out_channels
                 if depthwise:
-                    row = (0, kernel * positions, 0, kernel + bias)
+                    terms = dict(flops_b=kernel * positions, params_b=kernel + bias)
                 elif a_in or a_out:
-                    row = (kernel * positions, 0, kernel, bias)
+                    terms = dict(flops_ab=kernel * positions, params_ab=kernel, params_b=bias)
                 else:  # untouched (possibly grouped) conv: fold it in as a constant output term
-                    row = (0, c_in // module.groups * kernel * positions, 0, c_in // module.groups * kernel + bias)
+                    per_out = c_in // module.groups * kernel
+                    terms = dict(flops_b=per_out * positions, params_b=per_out + bias)
                 changing_params += sum(p.numel() for p in module.parameters(recurse=False))
             elif isinstance(module, nn.Linear):
                 bias = 1 if module.bias is not None else 0
                 c_in, c_out = module.in_features, module.out_features
-                row = (spatial.get(name, 0), 0, 1, bias)
+                terms = dict(flops_ab=spatial.get(name, 0), params_ab=1, params_b=bias)
                 changing_params += sum(p.numel() for p in module.parameters(recurse=False))
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
                 c_in = c_out = module.num_features
                 a_in = {}
-                row = (0, 0, 0, 2 if module.affine else 0)
+                terms = dict(params_b=2 if module.affine else 0)
                 changing_params += sum(p.numel() for p in module.parameters(recurse=False))
             else:
                 continue
@@ -83,24 +106,24 @@ class ResourceModel:
                 c_in -= k * self.sizes[gi]
             for gi, k in a_out.items():
                 c_out -= k * self.sizes[gi]
-            rows.append((name, c_in, a_in, c_out, a_out, *row))
+            rows.append(_Layer(name, c_in, c_out, a_in, a_out, **terms))
 
         n_layers, n_groups = len(rows), len(self.groups)
-        self.layer_names = [r[0] for r in rows]
-        self.c_in = np.array([r[1] for r in rows], dtype=np.float64)
-        self.c_out = np.array([r[3] for r in rows], dtype=np.float64)
+        self.layer_names = [r.name for r in rows]
+        self.c_in = np.array([r.c_in for r in rows], dtype=np.float64)
+        self.c_out = np.array([r.c_out for r in rows], dtype=np.float64)
         self.a_in = np.zeros((n_layers, n_groups))
         self.a_out = np.zeros((n_layers, n_groups))
         for li, r in enumerate(rows):
-            for gi, k in r[2].items():
+            for gi, k in r.a_in.items():
                 self.a_in[li, gi] = k
-            for gi, k in r[4].items():
+            for gi, k in r.a_out.items():
                 self.a_out[li, gi] = k
         # resource = const + sum_l ab_l * out_l * in_l + b_l * out_l
-        self.ab = {"flops": np.array([r[5] for r in rows], dtype=np.float64),
-                   "params": np.array([r[7] for r in rows], dtype=np.float64)}
-        self.b = {"flops": np.array([r[6] for r in rows], dtype=np.float64),
-                  "params": np.array([r[8] for r in rows], dtype=np.float64)}
+        self.ab = {"flops": np.array([r.flops_ab for r in rows], dtype=np.float64),
+                   "params": np.array([r.params_ab for r in rows], dtype=np.float64)}
+        self.b = {"flops": np.array([r.flops_b for r in rows], dtype=np.float64),
+                  "params": np.array([r.params_b for r in rows], dtype=np.float64)}
         total_params = sum(p.numel() for p in model.parameters())
         self.const = {"flops": 0.0, "params": float(total_params - changing_params)}
         full = self.sizes.astype(np.float64)
