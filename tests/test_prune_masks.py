@@ -142,3 +142,24 @@ def test_recording_keeps_no_activation_alive_after_backward():
     handle.remove()
     gc.collect()
     assert alive and all(ref() is None for ref in alive)
+
+
+def test_soft_masks_scale_switched_off_channels():
+    """set(masks, off=s): a switched-off channel's output is s times what it would be; 0 cuts it."""
+    torch.manual_seed(0)
+    model = randomize_bn(ConcatNet()).eval()
+    groups = find_groups(model, X8[:1])
+    masker = ChannelMasker(model, groups)
+    seen = {}
+    name = groups[0].outputs[0]
+    dict(model.named_modules())[name].register_forward_hook(lambda m, i, o: seen.__setitem__("z", o))
+    masks = {groups[0].name: torch.arange(groups[0].size) % 2 == 0}
+    masker.set(None)
+    model(X8)
+    full = seen["z"].clone()
+    for off in (0.3, 0.0):
+        masker.set(masks, off=off)
+        model(X8)
+        keep = masks[groups[0].name]
+        assert torch.allclose(seen["z"][:, keep], full[:, keep])
+        assert torch.allclose(seen["z"][:, ~keep], off * full[:, ~keep])

@@ -239,3 +239,22 @@ def test_soft_masks_fade_switched_off_channels_to_zero_at_the_freeze():
     assert by_step[12][0] == 0.0 and all(not by_step[s][1] for s in range(13, 17))   # frozen at 0
     with pytest.raises(UserError, match="freeze"):
         SeedConfig(soft=True)
+
+
+def test_the_channels_that_matter_are_the_ones_kept():
+    """Channels whose Taylor significance is consistently high survive, whatever the noise: the
+    method's point, not just that it runs."""
+    config = SeedConfig(metric="flops", reduction=0.5, warmup_steps=3, update_every=2, redistribute_every=0,
+                        freeze_at=40, hysteresis=0.2)
+    _, groups, cost, pruner = _setup(config)
+    gen = torch.Generator().manual_seed(5)
+    important = {g.name: torch.arange(g.size) % 3 == 0 for g in groups}   # a third of every group
+    for _ in range(40):
+        theta = {g.name: torch.where(important[g.name], 0.6, 0.1) + 0.3 * torch.rand(g.size, generator=gen)
+                 for g in groups}
+        pruner.step(theta)
+    for g in groups:
+        kept, vital = pruner.masks[g.name], important[g.name]
+        assert kept[vital].float().mean() >= 0.9 or kept.sum() < vital.sum()   # the vital ones first
+        if kept.sum() >= vital.sum():
+            assert (kept & ~vital).sum() <= kept.sum() - vital.sum() + 1
