@@ -1,6 +1,6 @@
 """Pruning methods side by side on CIFAR-10, at the same epoch budget, at FLOPs reductions 0.5/0.76/0.9.
 
-    python benchmarks/methods.py --preset cpu                     # VGG-16 x 3 targets + ResNet-56 x 0.5
+    python benchmarks/methods.py --preset cpu                     # VGG-16 x 3 targets + ResNet-56 x 2
     python benchmarks/methods.py --preset smoke --methods seed,random --targets 0.5
     python benchmarks/methods.py --preset cpu --dry-run           # what is done, what is left, the commands
     python benchmarks/methods.py --preset cpu --report-only       # aggregate what exists
@@ -85,7 +85,7 @@ PRESETS = {
     # ~300 img/s, 167 s per dense epoch: ~70 min per budget epoch, ~5-5.5 h for 4 epochs incl.
     # evaluation and export of the run folders, on an otherwise idle host.
     "cpu": Preset("cpu", ("--epochs", "4", "--eval-every", "4"),
-                  {"vgg16": (0.5, 0.76, 0.9), "resnet56": (0.5,)},
+                  {"vgg16": (0.5, 0.76, 0.9), "resnet56": (0.5, 0.76)},
                   "full CIFAR-10 train/test, 4 epochs one-cycle, batch 256, lr 0.1, bf16 (~5-5.5 h on 2 idle cores)"),
     # The long budget: compress's cpu preset as it is (30 epochs one-cycle), the high targets only.
     # 1-5 h per run on a 2-core CPU (dense VGG-16 ~106 min on a 2-core EPYC).
@@ -93,8 +93,8 @@ PRESETS = {
                    "full CIFAR-10 train/test, 30 epochs one-cycle, batch 256, lr 0.1, bf16 (1-5 h per run)"),
     # The literature's GPU schedule (not meant for this host): 200 epochs, batch 64, lr 0.1 / 10 at 50 %
     # and 75 %, wd 1e-4, fp32 — compress's paper preset, unchanged.
-    "paper": Preset("paper", (), {"vgg16": (0.5, 0.76, 0.9), "resnet56": (0.5,)},
-                    "the paper's GPU schedule: 200 epochs, batch 64, step lr 0.1, wd 1e-4, fp32"),
+    "paper": Preset("paper", (), {"vgg16": (0.5, 0.76, 0.9), "resnet56": (0.5, 0.76)},
+                    "the paper's GPU schedule: 200 epochs, batch 64, step lr 0.1, wd 1e-4"),
 }
 
 
@@ -442,7 +442,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="smoke", help=f"one of {', '.join(PRESETS)} (default smoke)")
     p.add_argument("--models", help="comma list of compress zoo models (default: the preset's, vgg16,resnet56)")
     p.add_argument("--targets", help="comma list of FLOPs reductions for every model (default: the preset's, "
-                                     "0.5,0.76,0.9 for vgg16 and 0.5 for resnet56)")
+                                     "0.5,0.76,0.9 for vgg16 and 0.5,0.76 for resnet56)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)} (default all)")
     p.add_argument("--results", help="results folder (default benchmarks/results/methods-PRESET)")
     p.add_argument("--data-dir", default=default_data_dir(), help="folder with cifar10.npz (default "
