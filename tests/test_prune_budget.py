@@ -168,3 +168,33 @@ def test_round_to_keeps_multiples_and_meets_the_target(name):
                        select(scores, cost, "flops", 0.5, 0.1)[groups[0].name])
     with pytest.raises(UserError, match="round_to"):
         select(scores, cost, "flops", 0.5, 0.1, round_to=0)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet56"])
+@pytest.mark.parametrize("flops,params", [(0.76, 0.92), (0.5, 0.7), (0.9, 0.95)])
+def test_joint_target_hits_both_within_one_point(name, flops, params):
+    groups, cost = prepared(name)
+    masks = select(random_scores(groups, 0), cost, "flops", flops, 0.05, also={"params": params})
+    assert flops <= achieved(cost, "flops", masks) <= flops + 0.01
+    assert params <= achieved(cost, "params", masks) <= params + 0.01
+
+
+def test_joint_target_that_the_widths_cannot_meet_is_refused():
+    groups, cost = prepared("vgg16")
+    # -30 % FLOPs with -95 % params: the params sit in the late layers, FLOPs in the early ones, but not that far
+    with pytest.raises(UserError, match="cannot hit flops=0.3, params=0.95 within 1%"):
+        select(random_scores(groups, 0), cost, "flops", 0.3, 0.05, also={"params": 0.95})
+    with pytest.raises(UserError, match="out of reach"):
+        select(random_scores(groups, 0), cost, "flops", 0.5, 0.5, also={"params": 0.9})
+    with pytest.raises(UserError, match="twice"):
+        select(random_scores(groups, 0), cost, "flops", 0.5, 0.1, also={"flops": 0.6})
+
+
+def test_target_text():
+    from compress.prune.targets import parse_target, target_dict
+    assert parse_target(" FLOPS=0.760 ") == "flops=0.76"
+    assert target_dict("flops=0.76,params=0.92") == {"metric": "flops", "reduction": 0.76, "also": {"params": 0.92}}
+    for bad, message in [("latency=3", "expected flops=R"), ("flops=1.2", "strictly between"),
+                         ("flops=0.5,flops=0.6", "twice"), ("flops=x", "not a number"), ("flops", "expected")]:
+        with pytest.raises(UserError, match=message):
+            parse_target(bad)
