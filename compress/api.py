@@ -98,6 +98,10 @@ class Pruner:
         if self.target is not None:
             for metric, reduction in _all(self.target).items():
                 check_reachable(self.cost, metric, reduction, min_keep, round_to)
+            if self.target.get("also"):   # can the widths hit both at once? Find out now, not after training
+                trial = {g.name: -torch.arange(g.size, dtype=torch.float32) for g in self.groups}
+                select(trial, self.cost, self.target["metric"], self.target["reduction"], min_keep,
+                       cost_power=cost_power, round_to=round_to, also=self.target["also"])
         else:
             _check_widths(self.groups, self.widths)
         self.seed_pruner: Optional[SeedPruner] = None

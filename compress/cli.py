@@ -62,6 +62,7 @@ class RunConfig:
     bf16: Optional[bool] = None              # None: bf16 autocast where the hardware has bf16 arithmetic
     bf16_reason: str = ""                    # why the run trains in bf16 or fp32 (set at the start)
     time_budget: Optional[float] = None      # minutes: size the training set so training fits (demo)
+    time_budget_note: str = ""               # what the --time-budget probe measured and chose
     channels_last: bool = True
     seed: int = 0
     device: str = "cpu"
@@ -193,7 +194,7 @@ def make_parser() -> argparse.ArgumentParser:
     a("--redistribute", type=float, help="seed: s, the share of a low-significance layer's channels above the "
                                          f"minimum width moved to other layers each epoch (default {_SEED.redistribute}; "
                                          "0 = never)")
-    a("--redistribute-by", help="seed: layer significance that picks donor and receiver layers: "
+    a("--redistribute-by", choices=REDISTRIBUTE_BY, help="seed: layer significance that picks donor and receiver layers: "
                                 f"{', '.join(REDISTRIBUTE_BY)} (default {_SEED.redistribute_by}; compress/prune/seed.py)")
     a("--workers", type=int, help="CPU threads for torch (default: torch's choice)")
     _bool_flag(p, "progress", "progress bars (default on)")
@@ -464,6 +465,10 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
 
     torch.manual_seed(cfg.seed)
     plan = methods.make_plan(cfg, data, num_classes=num_classes, input_shape=input_shape)
+    if dist_info.is_main:   # the choices, once the run is known to be valid
+        print(f"precision: {'bf16 autocast' if cfg.bf16 else 'fp32'} ({cfg.bf16_reason})", file=sys.stderr)
+        if cfg.time_budget_note:
+            print(cfg.time_budget_note, file=sys.stderr)
     train_config = TrainConfig(
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
@@ -506,7 +511,6 @@ def choose_precision_and_size(cfg: RunConfig, data, num_classes: int, input_shap
     from compress.models import build_model
 
     cfg.bf16, cfg.bf16_reason = choose_bf16(device, cfg.bf16)
-    print(f"precision: {'bf16 autocast' if cfg.bf16 else 'fp32'} ({cfg.bf16_reason})", file=sys.stderr)
     if not cfg.time_budget:
         return
     available = min(cfg.train_subset or len(data.y_train), len(data.y_train))
@@ -523,10 +527,10 @@ def choose_precision_and_size(cfg: RunConfig, data, num_classes: int, input_shap
     n = max(min(available, fits), 4 * cfg.batch_size)
     note = f"{ips:.0f} training images/s measured here ({'bf16' if cfg.bf16 else 'fp32'})"
     if n < available:
-        print(f"time budget {cfg.time_budget:g} min: {note}; training on {n:,} of {available:,} images x "
-              f"{cfg.epochs} epochs so it fits", file=sys.stderr)
+        cfg.time_budget_note = (f"time budget {cfg.time_budget:g} min: {note}; training on {n:,} of {available:,} "
+                                f"images x {cfg.epochs} epochs so it fits")
     else:
-        print(f"time budget {cfg.time_budget:g} min: {note}; all {available:,} images fit", file=sys.stderr)
+        cfg.time_budget_note = f"time budget {cfg.time_budget:g} min: {note}; all {available:,} images fit"
     cfg.train_subset = n if n < len(data.y_train) else cfg.train_subset
 
 

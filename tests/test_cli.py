@@ -168,7 +168,11 @@ BAD_INPUTS = {
     "widths-from missing": (["--method", "scratch", "--widths-from", "/nonexistent/run"], "no arch.json"),
     "init not safetensors": (["--target", "flops=0.5", "--init", "weights.pt"], "safetensors"),
     "bad flag": (["--target", "flops=0.5", "--epochs", "many"], "invalid int"),
-    "redistribute out of range": (["--target", "flops=0.5", "--redistribute", "1.5"], "--redistribute must be"),
+    "redistribute out of range": (["--target", "flops=0.5", "--redistribute", "1.5"], "(--redistribute)"),
+    "joint target infeasible": (["--target", "flops=0.2,params=0.95", "--method", "l1"], "cannot hit"),
+    "joint target twice": (["--target", "flops=0.2,flops=0.5"], "twice"),
+    "settle too long": (["--target", "flops=0.5", "--prune-settle", "5"], "too short"),
+    "time budget": (["--target", "flops=0.5", "--time-budget", "0"], "--time-budget"),
     "redistribute-by unknown": (["--target", "flops=0.5", "--redistribute-by", "cost"], "invalid choice"),
 }
 

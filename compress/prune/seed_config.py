@@ -40,19 +40,22 @@ class SeedConfig:
         for m, r in (self.also or {}).items():
             check_target(m, r)
         if self.redistribute_by not in REDISTRIBUTE_BY:
-            raise UserError(f"redistribute_by must be one of {', '.join(REDISTRIBUTE_BY)}, "
+            raise UserError(f"redistribute_by (--redistribute-by) must be one of {', '.join(REDISTRIBUTE_BY)}, "
                             f"got {self.redistribute_by!r}")
         if self.update_every < 1:
-            raise UserError(f"the mask update interval must be >= 1 step, got {self.update_every}")
+            raise UserError(f"update_every (--prune-every), the steps between mask updates, must be >= 1, "
+                            f"got {self.update_every}")
         if not 0 <= self.smoothing < 1:
-            raise UserError(f"the utility smoothing eps must be in [0, 1), got {self.smoothing}")
+            raise UserError(f"smoothing (--prune-smoothing), the utility smoothing eps, must be in [0, 1), "
+                            f"got {self.smoothing}")
         if not 0 <= self.hysteresis <= 10:
-            raise UserError(f"hysteresis must be in [0, 10] (0.2: a channel must beat a kept one by 20 %), "
-                            f"got {self.hysteresis}")
+            raise UserError(f"hysteresis (--prune-hysteresis) must be in [0, 10] (0.2: a channel must beat a "
+                            f"kept one by 20 %), got {self.hysteresis}")
         if not 0 <= self.redistribute < 1:
-            raise UserError(f"s, the share of channels redistributed, must be in [0, 1), got {self.redistribute}")
+            raise UserError(f"redistribute (--redistribute), s, the share of channels redistributed, must be in "
+                            f"[0, 1), got {self.redistribute}")
         if not 0 < self.min_keep <= 1:
-            raise UserError(f"the minimum width must be a share in (0, 1], got {self.min_keep}")
+            raise UserError(f"min_keep (--min-keep), the minimum width, must be a share in (0, 1], got {self.min_keep}")
         if self.soft and self.freeze_at is None:
             raise UserError("soft masks fade out until the freeze: give freeze_at")
 
@@ -67,9 +70,11 @@ class SeedConfig:
         s = {k: SCHEDULE[k] if v is None else v for k, v in s.items()}
         if not 0 <= s["warmup"] < s["end"] <= 1 or not 0 <= s["ramp"] <= s["end"] - s["warmup"]:
             raise UserError(f"the seed schedule needs 0 <= warm-up < warm-up + ramp <= end <= 1 (shares of the "
-                            f"budget), got warm-up {s['warmup']}, ramp {s['ramp']}, end {s['end']}")
+                            f"budget; --prune-warmup, --prune-ramp, --prune-end), got warm-up {s['warmup']}, "
+                            f"ramp {s['ramp']}, end {s['end']}")
         if isinstance(s["settle_epochs"], bool) or not isinstance(s["settle_epochs"], int) or s["settle_epochs"] < 0:
-            raise UserError(f"settle must be a whole number of epochs >= 0, got {s['settle_epochs']!r}")
+            raise UserError(f"settle (--prune-settle) must be a whole number of epochs >= 0, "
+                            f"got {s['settle_epochs']!r}")
         total = epochs * steps_per_epoch
         settle = s["settle_epochs"] * steps_per_epoch
         warmup_steps = int(round(s["warmup"] * total))
