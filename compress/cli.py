@@ -23,12 +23,12 @@ from typing import Optional
 
 from compress.errors import UserError
 from compress.presets import DEFAULT_PRESET, PRESETS
-from compress.prune.seed_config import REDISTRIBUTE_BY, SCHEDULE, SeedConfig
+from compress.prune.seed_config import BUDGET_INIT, REDISTRIBUTE_BY, SCHEDULE, SeedConfig
 from compress.prune.targets import parse_target
 
 _SEED = SeedConfig()   # the seed method's defaults, for the help text
 SEED_ONLY = ("prune_warmup", "prune_ramp", "prune_end", "prune_settle", "prune_every", "prune_smoothing",
-             "prune_hysteresis", "soft_masks", "redistribute", "redistribute_by")
+             "prune_hysteresis", "prune_budget_init", "soft_masks", "redistribute", "redistribute_by")
 
 METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "uniform", "none")
 SCHEDULES = ("onecycle", "cosine", "step")
@@ -84,6 +84,7 @@ class RunConfig:
     prune_smoothing: Optional[float] = None  # seed: eps, utility smoothing
     soft_masks: Optional[bool] = None        # seed: switched-off channels fade out until the freeze
     prune_hysteresis: Optional[float] = None  # seed: a kept channel's utility counts (1 + h) at mask updates
+    prune_budget_init: Optional[str] = None  # seed: layer budgets until the target: global or uniform
     slimming_lambda: float = 1e-4
     taylor_batches: int = 64
     min_keep: float = 0.1                    # every group keeps at least this share (and >= 1 channel)
@@ -181,6 +182,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--prune-smoothing", type=float, help=f"seed: eps in u <- eps*u + (1-eps)*Theta (default {_SEED.smoothing})")
     a("--prune-hysteresis", type=float, help="seed: a kept channel's utility counts (1 + H) when masks are "
                                              f"recomputed, so noise does not flip masks (default {_SEED.hysteresis})")
+    a("--prune-budget-init", choices=BUDGET_INIT, help="seed: the layer budgets while the target ramps in: "
+                                                        "global (rank channels across layers) or uniform (every "
+                                                        f"layer the same share) (default {_SEED.budget_init})")
     _bool_flag(p, "soft-masks", "seed: switched-off channels fade out linearly until the masks are final, "
                                 "instead of dropping to 0 at once (default off)")
     a("--slimming-lambda", type=float, help="slimming: L1 strength on BN scales (default 1e-4)")

@@ -39,7 +39,7 @@ from compress.api import Pruner, check_reachable
 from compress.errors import UserError
 from compress.flops import Counts, count
 from compress.models import build_model, init_weights
-from compress.prune.budget import select
+from compress.prune.budget import positional_scores, select
 from compress.prune.cost import ResourceModel
 from compress.prune.graph import ChannelGroup, find_groups
 from compress.prune.surgery import extract, rebuild
@@ -276,7 +276,7 @@ def seed_options(cfg) -> dict:
     given = {"warmup": cfg.prune_warmup, "ramp": cfg.prune_ramp, "end": cfg.prune_end,
              "settle_epochs": cfg.prune_settle, "smoothing": cfg.prune_smoothing, "update_every": cfg.prune_every,
              "redistribute": cfg.redistribute, "redistribute_by": cfg.redistribute_by, "soft": cfg.soft_masks,
-             "hysteresis": cfg.prune_hysteresis}
+             "hysteresis": cfg.prune_hysteresis, "budget_init": cfg.prune_budget_init}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -292,8 +292,7 @@ def uniform_model(model: nn.Module, example: torch.Tensor, target: dict, cfg) ->
     cost = ResourceModel(model, groups, example)
     for metric, reduction in {target["metric"]: target["reduction"], **target.get("also", {})}.items():
         check_reachable(cost, metric, reduction, cfg.min_keep, cfg.round_to)
-    positional = {g.name: 1.0 - (torch.arange(g.size, dtype=torch.float64) + 0.5) / g.size for g in groups}
-    masks = select(positional, cost, target["metric"], target["reduction"], cfg.min_keep, round_to=cfg.round_to,
+    masks = select(positional_scores(cost), cost, target["metric"], target["reduction"], cfg.min_keep, round_to=cfg.round_to,
                    also=target.get("also"))
     slim = extract(model, groups, masks, example)
     init_weights(slim)

@@ -118,7 +118,7 @@ def test_bad_knobs_are_one_line_user_errors():
         SeedConfig.for_run("flops", 0.5, 10, 10, redistribute_by="cost")
     with pytest.raises(UserError, match="smoothing"):
         SeedConfig(smoothing=1.0)
-    with pytest.raises(UserError, match="interval"):
+    with pytest.raises(UserError, match="--prune-every"):
         SeedConfig(update_every=0)
     with pytest.raises(UserError, match="warm-up"):
         SeedConfig.for_run("flops", 0.5, 10, 10, warmup=0.5, end=0.4)

@@ -289,5 +289,11 @@ def _masks(cost: ResourceModel, order: list, k: np.ndarray) -> dict[str, torch.T
     return masks
 
 
+def positional_scores(cost: ResourceModel) -> dict[str, torch.Tensor]:
+    """Scores that make `select` thin every group at the same rate: each channel scores by its relative
+    position in its group (first highest), so the highest relative position goes first everywhere."""
+    return {n: 1.0 - (torch.arange(int(s), dtype=torch.float64) + 0.5) / int(s) for n, s in zip(cost.names, cost.sizes)}
+
+
 def counts(masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return {name: int(torch.as_tensor(m).sum()) for name, m in masks.items()}

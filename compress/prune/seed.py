@@ -31,6 +31,11 @@ What the paper (EURASIP JASP 2021/31) fixes, and what we chose where it is silen
 * Target ramp (ours): the reduction asked of each selection grows from 0 to the target over
   `ramp_steps`, as r(t) = R (1 - (1 - t/ramp)^3) (the gradual schedule of Zhu & Gupta 2017), so
   the network is not cut to the target in one step; 0 = the whole target at the first selection.
+* Initial layer budgets a^l_0 (`budget_init`): "uniform", every layer keeps the same share of
+  its channels (the overall rate p applied per layer, then redistributed by xi and s: our reading
+  of the paper's notation), or "global", the channels ranked by utility across all layers (the
+  predecessor's global threshold). During the ramp the budgets follow the rule for the reduction
+  asked at that step; then only redistribution (and the target) moves them.
 * Ranking (ours, measured): by utility alone (`cost_power` = 0); the budget decides how far down
   the ranking to cut (BENCHMARKS.md: 66.9 % vs 57.2 % top-1 for utility per unit of FLOPs saved).
 * Layer budgets a^l (channels kept per group) and their redistribution (ours): once per epoch,
@@ -76,7 +81,7 @@ import torch
 from compress.prune import budget
 from compress.prune.cost import ResourceModel
 from compress.prune.graph import ChannelGroup
-from compress.prune.seed_config import REDISTRIBUTE_BY, SCHEDULE, SeedConfig  # noqa: F401  (re-exported)
+from compress.prune.seed_config import BUDGET_INIT, REDISTRIBUTE_BY, SCHEDULE, SeedConfig  # noqa: F401
 
 
 class SeedPruner:
@@ -151,16 +156,25 @@ class SeedPruner:
             return self._apply(self._select())
         return None
 
+    def ramping(self) -> bool:
+        return self.steps <= self.config.warmup_steps + self.config.ramp_steps
+
     def _select(self, first: bool = False) -> dict[str, torch.Tensor]:
         cfg = self.config
         share = self.target_now() / cfg.reduction   # the ramp moves every metric of a joint target alike
         also = {m: max(r * share, 1e-6) for m, r in (cfg.also or {}).items()}
+        budgets = None if first else self.budgets
+        if cfg.budget_init == "uniform" and (first or self.ramping()):
+            # a^l_0: every layer keeps the same share of its channels (the paper's p per layer), for the
+            # reduction asked now; redistribution moves the budgets from there once the target is reached.
+            budgets = budget.counts(budget.select(budget.positional_scores(self.cost), self.cost, cfg.metric,
+                                                  self.target_now(), cfg.min_keep, round_to=cfg.round_to,
+                                                  also=also))
         scores = self.utility
         if cfg.hysteresis and self.masks is not None:   # a switched-off channel must beat a kept one clearly
             scores = {n: u * torch.where(self.masks[n], 1.0 + cfg.hysteresis, 1.0) for n, u in self.utility.items()}
         return budget.select(scores, self.cost, cfg.metric, self.target_now(), cfg.min_keep,
-                             budgets=None if first else self.budgets, cost_power=cfg.cost_power,
-                             round_to=cfg.round_to, also=also)
+                             budgets=budgets, cost_power=cfg.cost_power, round_to=cfg.round_to, also=also)
 
     def _apply(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         flipped = sum(int((masks[n] != self.masks[n]).sum()) for n in masks) if self.masks is not None else 0

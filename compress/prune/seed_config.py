@@ -10,6 +10,7 @@ from compress.errors import UserError
 from compress.prune.targets import check_target
 
 REDISTRIBUTE_BY = ("utility", "utility-ratio", "utility-per-cost")
+BUDGET_INIT = ("global", "uniform")
 
 # The schedule's defaults as shares of the pruning phase's steps (and whole epochs to settle).
 SCHEDULE = {"warmup": 0.05, "ramp": 0.0, "end": 0.75, "settle_epochs": 1}
@@ -34,6 +35,7 @@ class SeedConfig:
     soft: bool = False               # switched-off channels fade out until freeze_at
     also: dict | None = None         # a joint target: {other metric: its reduction}, met as well
     hysteresis: float = 0.0          # a kept channel's utility counts (1 + this) when masks are recomputed
+    budget_init: str = "global"      # the layer budgets a^l until the target is reached: global ranking or uniform
 
     def __post_init__(self):
         check_target(self.metric, self.reduction)
@@ -42,6 +44,9 @@ class SeedConfig:
         if self.redistribute_by not in REDISTRIBUTE_BY:
             raise UserError(f"redistribute_by (--redistribute-by) must be one of {', '.join(REDISTRIBUTE_BY)}, "
                             f"got {self.redistribute_by!r}")
+        if self.budget_init not in BUDGET_INIT:
+            raise UserError(f"budget_init (--prune-budget-init) must be one of {', '.join(BUDGET_INIT)}, "
+                            f"got {self.budget_init!r}")
         if self.update_every < 1:
             raise UserError(f"update_every (--prune-every), the steps between mask updates, must be >= 1, "
                             f"got {self.update_every}")
