@@ -164,22 +164,54 @@ def test_methods_wall_time_is_blank_when_a_session_lost_part_of_it():
 
 
 def test_methods_plot_draws_a_line_per_method_over_targets_and_bars_for_a_single_target(monkeypatch, tmp_path):
-    def row(model, method, target, top1):
-        return {"model": model, "method": method, "target": target, "top1": top1,
-                "flops_reduction": target or 0.0}
+    def row(model, method, target, top1, seed=0):
+        return {"model": model, "method": method, "target": target, "top1": top1, "seed": seed,
+                "flops_reduction": target or 0.0, "params_reduction": target or 0.0, "train_seconds": 60.0}
     rows = [row("vgg16", "none", None, 0.84), row("resnet56", "none", None, 0.77)]
     rows += [row("vgg16", m, t, 0.8 - t / 10) for m in ("seed", "l1") for t in (0.5, 0.76, 0.9)]
+    rows += [row("vgg16", "seed", t, 0.82 - t / 10, seed=1) for t in (0.5, 0.76, 0.9)]
     rows += [row("resnet56", m, 0.5, acc) for m, acc in (("seed", 0.70), ("slimming", 0.73), ("l1", 0.71))]
     figures = []
     monkeypatch.setattr(methods, "save_figure", lambda fig, path: figures.append(fig))
     methods.plot({"rows": rows, "preset": "cpu"}, tmp_path / "methods.png")
     vgg, resnet = figures[0].axes
-    assert [line.get_label() for line in vgg.get_lines()] == ["seed", "l1", "dense (same budget)"]
-    assert list(vgg.get_lines()[0].get_xdata()) == [0.5, 0.76, 0.9]
+    assert [t.get_text() for t in vgg.get_legend().get_texts()] == ["dense (same budget)", "seed", "l1"]
+    by_label = {c.get_label(): c.lines[0] for c in vgg.containers}   # errorbar: (data line, caps, bars)
+    # the seed line is the mean over its two seeds
+    assert list(by_label["seed"].get_xdata()) == [0.5, 0.76, 0.9]
+    assert list(by_label["seed"].get_ydata()) == pytest.approx([0.81 - t / 10 for t in (0.5, 0.76, 0.9)])
     # one target: a bar per method, best on top, and the dense line
     assert [t.get_text() for t in resnet.get_yticklabels()] == ["seed", "l1", "slimming"]
     assert [round(p.get_width(), 2) for p in resnet.patches] == [0.70, 0.71, 0.73]
-    assert resnet.get_lines()[0].get_xdata()[0] == 0.77
+    dense = next(line for line in resnet.get_lines() if line.get_label() == "dense (same budget)")
+    assert dense.get_xdata()[0] == 0.77
+
+
+def test_methods_summary_is_mean_and_spread_over_seeds():
+    rows = [{"model": "vgg16", "method": "seed", "target": 0.9, "seed": s, "top1": v, "flops_reduction": 0.9,
+             "params_reduction": 0.9, "train_seconds": 60.0} for s, v in ((0, 0.70), (1, 0.74))]
+    rows.append({"model": "vgg16", "method": "l1", "target": 0.9, "seed": 0, "status": "pending"})
+    seed, l1 = methods.summarize(rows)
+    assert seed["n"] == 2 and seed["mean"] == pytest.approx(0.72) and (seed["min"], seed["max"]) == (0.70, 0.74)
+    assert seed["seeds"] == {"0": 0.70, "1": 0.74}
+    assert l1["n"] == 0 and l1["planned"] == 1 and "mean" not in l1
+
+
+def test_methods_plan_orders_seeds_and_names_them():
+    names = [c.name for c in methods.plan(["vgg16"], ["uniform", "seed"], {"vgg16": (0.9,)}, seeds=(0, 1),
+                                          dense=False)]
+    assert names == ["vgg16-seed-f90", "vgg16-uniform-f90", "vgg16-seed-f90-s1", "vgg16-uniform-f90-s1"]
+
+
+def test_methods_a_kept_report_counts_as_done_and_feeds_the_widths(tmp_path):
+    layout = methods.Layout(tmp_path)
+    seed = methods.Config("vgg16", "seed", 0.9, 1)
+    kept = layout.kept(seed)
+    kept.mkdir(parents=True)
+    (kept / "report.json").write_text("{}")
+    assert layout.finished(seed) == kept
+    cmd = methods.command(methods.Config("vgg16", "scratch", 0.9, 1), "cpu", layout, None, ())
+    assert cmd[cmd.index("--widths-from") + 1] == str(kept) and cmd[cmd.index("--seed") + 1] == "1"
 
 
 def test_methods_runs_the_peer_with_each_criterion(tmp_path):
