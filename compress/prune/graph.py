@@ -270,8 +270,12 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     return graph
 
 
-def find_groups(model: nn.Module, example_input: torch.Tensor, ignore: Sequence[str] = ()) -> list[ChannelGroup]:
-    """All prunable channel groups of `model`, in model order. See the module docstring."""
+def find_groups(model: nn.Module, example_input: torch.Tensor, ignore: Sequence[str] = (),
+                check: bool = True) -> list[ChannelGroup]:
+    """All prunable channel groups of `model`, in model order. See the module docstring.
+
+    With `check`, every other channel of every group is cut once and the cut network compared
+    with the masked one (surgery.trial_cut): what the op rules miss is refused here too."""
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     ignored = _resolve_ignore(model, ignore)
@@ -298,6 +302,9 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, ignore: Sequence[
         if group is not None:
             groups.append(group)
     groups.sort(key=lambda g: order[g.name])
+    if check and groups:
+        from compress.prune.surgery import trial_cut  # surgery imports this module
+        trial_cut(model, groups, example_input)
     return groups
 
 
