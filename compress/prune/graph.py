@@ -28,6 +28,7 @@ Use ``ignore`` to leave the offending region whole.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -165,7 +166,10 @@ def _zero_state(node, operands, state, outputs, names) -> _NonZero | None:
         return None
     where = _nearest_module(node)
     if op in NONZERO_AT_ZERO:
-        return _NonZero(op, where, NONZERO_AT_ZERO[op])
+        value = NONZERO_AT_ZERO[op]
+        if op == "Softplus":
+            value = f"{math.log(2) / node.grad_fn._saved_beta:.3g}"
+        return _NonZero(op, where, value)
     if op in BOUNDED:
         value = _value_at_zero(node.grad_fn, op)
         return _NonZero(op, where, f"{value:g}") if value not in (None, 0.0) else first

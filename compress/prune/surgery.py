@@ -97,7 +97,8 @@ def _run_once(slim: nn.Module, example_input: torch.Tensor) -> None:
     except Exception as exc:
         raise UserError(f"the pruned network does not run ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:200]}); a layer probably hard-codes a channel "
-                        f"count (e.g. x.view(-1, 512)): use torch.flatten or --ignore it") from exc
+                        f"count (e.g. x.view(-1, 512), or a per-channel buffer): use torch.flatten or "
+                        f"--ignore it") from exc
     finally:
         slim.train(was_training)
 
