@@ -22,7 +22,12 @@ is the BN after the group's first conv: the layer the group is reported by.
 Refused at the start, with the module named (a ``UserError``): operations whose effect on the
 channel axis Torch-Pruning cannot express (channel padding, permutes, channel shuffles, custom
 autograd functions ...), layer types we cannot cut (LayerNorm, GroupNorm, PReLU, grouped
-non-depthwise convs, stray ``nn.Parameter``s), and a prunable module called twice in one forward.
+non-depthwise convs, stray ``nn.Parameter``s), a prunable module called twice in one forward, and
+ops that would make a pruned channel non-zero before a conv/Linear reads it (a Sigmoid, an added
+constant or buffer, a clamp whose range leaves out 0 ...: cutting the channel would then change
+the network; the same op as a gate multiplying a masked tensor is fine). Then, unless
+``check=False``, every other channel of every group is cut once and the cut network compared with
+the masked one (``surgery.trial_cut``), which catches whatever these rules miss.
 Use ``ignore`` to leave the offending region whole.
 """
 from __future__ import annotations
