@@ -139,7 +139,7 @@ def check_extraction(model: nn.Module, slim: nn.Module, groups: Sequence[Channel
     handles = [masked.get_submodule(name).register_forward_pre_hook(_leak_probe(idxs, leaks))
                for name, idxs in readers.items()]
     try:
-        with torch.no_grad():
+        with _fp32():
             want, got = _tensors(masked(x)), _tensors(cut(x))
     finally:
         for h in handles:
@@ -176,6 +176,15 @@ def trial_cut(model: nn.Module, groups: Sequence[ChannelGroup], example_input: t
     return check_extraction(model, slim, groups, masks, x, context="pruning would change this network")
 
 
+def _fp32():
+    """No autograd, and no autocast even if the caller is inside one: the check compares in float32."""
+    from contextlib import ExitStack
+    stack = ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    return stack
+
+
 def _cpu_eval(model: nn.Module) -> nn.Module:
     return model.float().cpu().eval()
 
@@ -210,7 +219,8 @@ def _leak_probe(idxs: list[int], leaks: list[float]):
     def hook(module, args):
         x = args[0].float()
         scale = float(x.abs().max())
-        lost = float(x[:, idxs].abs().max())
+        features = -1 if isinstance(module, nn.Linear) else 1   # a Linear reads the last axis
+        lost = float(x.index_select(features, torch.tensor(idxs, dtype=torch.long)).abs().max())
         leaks.append(lost / scale if scale > 0 else lost)
     return hook
 
@@ -235,7 +245,8 @@ def _locate(masked: nn.Module, cut: nn.Module, x: torch.Tensor, removed: dict, r
         lost = _lost_indices(modules[name], name, where, a, b, removed, seen)
         if lost is None:
             continue
-        kept = a.index_select(1, torch.tensor([c for c in range(a.shape[1]) if c not in set(lost)], dtype=torch.long))
+        gone = set(lost)
+        kept = a.index_select(1, torch.tensor([c for c in range(a.shape[1]) if c not in gone], dtype=torch.long))
         label = f"the {where} of '{name}' ({type(modules[name]).__name__})"
         if kept.shape != b.shape:
             return f"{label} has shape {tuple(b.shape)} in the cut network, not {tuple(kept.shape)}"
@@ -272,7 +283,7 @@ def _record(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str, torch.Ten
         if name:
             handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
     try:
-        with torch.no_grad():
+        with _fp32():
             model(x)
     finally:
         for h in handles:
