@@ -201,6 +201,11 @@ def test_extraction_check_records_a_json_record_and_leaves_the_model_alone():
     assert model.training and slim.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     other.remove()
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    model.layer1.eval()
+    extract(model, groups, masks, check_input=x)   # no masker on the model: the check runs it in place
+    assert hooks == [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    assert model.training and not model.layer1.training and model.layer2.training
     assert not hasattr(extract(model, groups, masks), "extraction_check")  # nothing to check with
     program = torch.export.export(slim.eval(), (x,))  # the record does not get in the way of export
     with torch.no_grad():

@@ -22,6 +22,7 @@ would change is refused before any training.
 from __future__ import annotations
 
 import copy
+from contextlib import ExitStack, contextmanager
 from typing import Mapping, Sequence
 
 import torch
@@ -80,27 +81,10 @@ def extract(model: nn.Module, groups: Sequence[ChannelGroup], masks: Mapping[str
     for (name, kind), idxs in _removed_indices(groups, masks).items():
         layer = slim.get_submodule(name)
         _cut(layer, kind, idxs)
-    if example_input is not None:
-        _run_once(slim, example_input)
     batch = check_input if check_input is not None else example_input
-    if batch is not None:
+    if batch is not None:  # running the check runs the cut network: it proves it works too
         slim.extraction_check = check_extraction(model, slim, groups, masks, batch)
     return slim
-
-
-def _run_once(slim: nn.Module, example_input: torch.Tensor) -> None:
-    was_training = slim.training
-    slim.eval()
-    try:
-        with torch.no_grad():
-            slim(example_input)
-    except Exception as exc:
-        raise UserError(f"the pruned network does not run ({type(exc).__name__}: "
-                        f"{' '.join(str(exc).split())[:200]}); a layer probably hard-codes a channel "
-                        f"count (e.g. x.view(-1, 512), or a per-channel buffer): use torch.flatten or "
-                        f"--ignore it") from exc
-    finally:
-        slim.train(was_training)
 
 
 def _without_masks(model: nn.Module) -> nn.Module:
@@ -120,43 +104,39 @@ def check_extraction(model: nn.Module, slim: nn.Module, groups: Sequence[Channel
                      context: str = "the pruned network does not compute what the masked one did") -> dict:
     """Prove `slim` computes what `model` does under `masks`; return what was measured.
 
-    Both run on `check_input` in eval mode, float32, as CPU copies (neither network is touched):
-    the masked one is a copy of `model` with its own ChannelMasker (hard masks; any masker on
-    `model` is ignored). Passes when every output is within rtol * (largest |output|) + CHECK_ATOL
-    of the masked one, and every channel a conv/Linear stops reading was zero there to the same
-    relative tolerance. Else raises UserError(context + where the two first part).
+    Both run on `check_input` in eval mode, in float32 on the CPU (copies unless a network is there
+    already; modes and hooks are restored): the masked one is `model` with a ChannelMasker of its
+    own (hard masks; a masker already on `model` is left out). Passes when every output is within
+    rtol * (largest |output|) + CHECK_ATOL of the masked one, and every channel a conv/Linear stops
+    reading was zero there to the same relative tolerance. Else raises UserError(context + where
+    the two first part); a cut network that does not run at all raises a UserError saying so.
     """
-    from compress.prune.masks import ChannelMasker  # masks imports graph only; keep surgery's imports light
-
     removed = _removed_indices(groups, masks)
-    masked = _cpu_eval(_without_masks(copy.deepcopy(model)))
-    ChannelMasker(masked, groups).set(masks)
-    cut = _cpu_eval(copy.deepcopy(slim))
     x = check_input.detach().cpu()
     x = x.float() if x.is_floating_point() else x
-    readers = _reader_inputs(masked, removed)
-    leaks: list[float] = []   # per reader call: largest |value| in the channels it loses, over its scale
-    handles = [masked.get_submodule(name).register_forward_pre_hook(_leak_probe(idxs, leaks))
-               for name, idxs in readers.items()]
-    try:
-        with _fp32():
-            want, got = _tensors(masked(x)), _tensors(cut(x))
-    finally:
-        for h in handles:
-            h.remove()
-    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
-        raise UserError(f"{context}: its output has shapes {[tuple(b.shape) for b in got]}, "
-                        f"not {[tuple(a.shape) for a in want]}")
-    scale = max((float(a.abs().max()) for a in want if a.numel()), default=0.0)
-    diff = max((float((a - b).abs().max()) for a, b in zip(want, got) if a.numel()), default=0.0)
-    tolerance = rtol * scale + CHECK_ATOL
-    record = {"max_abs_diff": diff, "output_scale": scale, "relative_diff": diff / scale if scale else 0.0,
-              "tolerance": tolerance, "rtol": rtol, "samples": int(x.shape[0]) if x.dim() else 1,
-              "max_pruned_input": max(leaks, default=0.0)}
-    if diff > tolerance or record["max_pruned_input"] > rtol:
-        where = _locate(masked, cut, x[:LOCATE_SAMPLES], removed, rtol)
-        measured = f"outputs differ by {diff:.3g} where they reach {scale:.3g}, tolerance {tolerance:.3g}"
-        raise UserError(f"{context}: {where} ({measured})" if where else f"{context}: {measured}")
+    with _masked_view(model, groups, masks) as masked, _eval_view(slim) as cut:
+        leaks: list[float] = []   # per reader call: largest |value| in the channels it loses, over its scale
+        handles = [masked.get_submodule(name).register_forward_pre_hook(_leak_probe(idxs, leaks))
+                   for name, idxs in _reader_inputs(masked, removed).items()]
+        try:
+            with _fp32():
+                want, got = _tensors(masked(x)), _tensors(_run(cut, x))
+        finally:
+            for h in handles:
+                h.remove()
+        if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+            raise UserError(f"{context}: its output has shapes {[tuple(b.shape) for b in got]}, "
+                            f"not {[tuple(a.shape) for a in want]}")
+        scale = max((float(a.abs().max()) for a in want if a.numel()), default=0.0)
+        diff = max((float((a - b).abs().max()) for a, b in zip(want, got) if a.numel()), default=0.0)
+        tolerance = rtol * scale + CHECK_ATOL
+        record = {"max_abs_diff": diff, "output_scale": scale, "relative_diff": diff / scale if scale else 0.0,
+                  "tolerance": tolerance, "rtol": rtol, "samples": int(x.shape[0]) if x.dim() else 1,
+                  "max_pruned_input": max(leaks, default=0.0)}
+        if diff > tolerance or record["max_pruned_input"] > rtol:
+            where = _locate(masked, cut, x[:LOCATE_SAMPLES], removed, rtol)
+            measured = f"outputs differ by {diff:.3g} where they reach {scale:.3g}, tolerance {tolerance:.3g}"
+            raise UserError(f"{context}: {where} ({measured})" if where else f"{context}: {measured}")
     return record
 
 
@@ -170,23 +150,70 @@ def trial_cut(model: nn.Module, groups: Sequence[ChannelGroup], example_input: t
     if x.is_floating_point():
         shape = (max(2, x.shape[0]) if x.dim() else 2, *x.shape[1:])
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
-    x = x.to(example_input.device)
     slim = extract(model, groups, masks)
-    _run_once(slim, x)
     return check_extraction(model, slim, groups, masks, x, context="pruning would change this network")
+
+
+def _run(slim: nn.Module, x: torch.Tensor):
+    try:
+        return slim(x)
+    except Exception as exc:
+        raise UserError(f"the pruned network does not run ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:200]}); a layer probably hard-codes a channel "
+                        f"count (e.g. x.view(-1, 512), or a per-channel buffer): use torch.flatten or "
+                        f"--ignore it") from exc
+
+
+def _on_cpu_in_fp32(model: nn.Module) -> bool:
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def _has_masks(model: nn.Module) -> bool:
+    return any(getattr(h, "edgeslim_mask", False) for m in model.modules() for h in m._forward_hooks.values())
+
+
+@contextmanager
+def _in_eval(net: nn.Module):
+    modes = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        yield net
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@contextmanager
+def _masked_view(model: nn.Module, groups, masks):
+    """`model` with hard `masks`, in eval mode, in float32 on the CPU: the model itself if it is that
+    already and carries no masker (the check's masker is removed after), else a copy."""
+    from compress.prune.masks import ChannelMasker  # masks imports graph only; keep surgery's imports light
+
+    own = _on_cpu_in_fp32(model) and not _has_masks(model)
+    net = model if own else _without_masks(copy.deepcopy(model)).float().cpu()
+    masker = ChannelMasker(net, groups)
+    try:
+        masker.set(masks)
+        with _in_eval(net):
+            yield net
+    finally:
+        masker.remove()
+
+
+@contextmanager
+def _eval_view(slim: nn.Module):
+    net = slim if _on_cpu_in_fp32(slim) else copy.deepcopy(slim).float().cpu()
+    with _in_eval(net):
+        yield net
 
 
 def _fp32():
     """No autograd, and no autocast even if the caller is inside one: the check compares in float32."""
-    from contextlib import ExitStack
     stack = ExitStack()
     stack.enter_context(torch.no_grad())
     stack.enter_context(torch.autocast("cpu", enabled=False))
     return stack
-
-
-def _cpu_eval(model: nn.Module) -> nn.Module:
-    return model.float().cpu().eval()
 
 
 def _tensors(out) -> list[torch.Tensor]:
