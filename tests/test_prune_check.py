@@ -267,3 +267,17 @@ def test_cli_refuses_the_issue_model_before_training(tmp_path: Path, small_cifar
     assert len(lines) == 1 and lines[0].startswith("error: cannot prune channels through 'Sigmoid'"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists() and not (tmp_path / "runs" / "sig.partial").exists()
+
+
+def test_extraction_diff_benchmark_smoke(tmp_path: Path):
+    script = [sys.executable, str(REPO / "benchmarks" / "extraction_diff.py")]
+    proc = subprocess.run([*script, "--models", "resnet20", "--widths", "0.25", "--reductions", "0.5", "--seeds", "1",
+                           "--batch", "2", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "extraction_diff.json").read_text())
+    assert 0 <= result["worst_relative_diff"] < result["rtol"] == CHECK_RTOL
+    assert result["cost"][0]["trial_cut_s"] > 0 and (tmp_path / "out" / "extraction_diff.png").stat().st_size > 0
+    bad = subprocess.run([*script, "--reductions", "1.5", "--out", str(tmp_path / "bad")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--reductions" in bad.stderr
+    assert not (tmp_path / "bad").exists()
