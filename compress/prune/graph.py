@@ -169,27 +169,27 @@ def _zero_state(node, operands, state, outputs, names) -> _NonZero | None:
     op = _op_name(node.grad_fn)
     if op == "T" and not node.inputs:  # a Linear's weight
         return None
-    where = _nearest_module(node)
+
+    def nonzero(value: str) -> _NonZero:
+        return _NonZero(op, _nearest_module(node), value)
+
     if op in NONZERO_AT_ZERO:
-        value = NONZERO_AT_ZERO[op]
         if op == "Softplus":
-            value = f"{math.log(2) / node.grad_fn._saved_beta:.3g}"
-        return _NonZero(op, where, value)
+            return nonzero(f"{math.log(2) / node.grad_fn._saved_beta:.3g}")
+        return nonzero(NONZERO_AT_ZERO[op])
     if op in BOUNDED:
         value = _value_at_zero(node.grad_fn, op)
-        return _NonZero(op, where, f"{value:g}") if value not in (None, 0.0) else first
+        return nonzero(f"{value:g}") if value not in (None, 0.0) else first
     if op in ("Add", "Sub"):
-        if None in operands:
-            return _NonZero(op, where, "the constant, buffer or outside tensor it adds")
-        return first
+        return nonzero("the constant, buffer or outside tensor it adds") if None in operands else first
     if op == "Mul":
         return None if any(s is None for s in inside) else first
     if op == "Div":
         numerator, denominator = (operands + [None])[:2]
         if numerator is None:
-            return _NonZero(op, where, "its numerator divided by zero")
+            return nonzero("infinity (it divides by the channel)")
         if denominator is not None and state[denominator] is None:
-            return _NonZero(op, where, "NaN (0 / 0)")
+            return nonzero("NaN (0 / 0)")
         return state[numerator]
     return first
 

@@ -71,10 +71,10 @@ def extract(model: nn.Module, groups: Sequence[ChannelGroup], masks: Mapping[str
 
     Indices of all groups are gathered per layer first, then each layer is cut once (a layer
     reading a concatenation holds channels of several groups, and cutting one group would shift
-    the indices of the next). With `example_input`, the result is run once to prove it works.
-    With `check_input` (a real batch is better; else `example_input` is used), the result is
-    compared with the masked network (`check_extraction`) and the measurement is left in
-    `slim.extraction_check` (absent when nothing was checked).
+    the indices of the next). Given `check_input` (a real batch: best) or else `example_input`,
+    the result is run on it and compared with the masked network (`check_extraction`: a
+    UserError if it does not run or computes something else), and the measurement is left in
+    `slim.extraction_check` (absent when there was no batch to check with).
     """
     slim = _without_masks(copy.deepcopy(model))
     slim.zero_grad(set_to_none=True)  # pruners would also cut .grad; we don't need it
