@@ -120,7 +120,7 @@ def plot(result: dict, path: Path) -> None:
         ax.scatter([i] * len(diffs), diffs, s=14, color="tab:blue")
     ax.axhline(result["rtol"], color="tab:red", linestyle="--", label=f"CHECK_RTOL {result['rtol']:g}")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(labels)), [f"{m}\nx{w:g}" for m, w in labels], fontsize=7)
+    ax.set_xticks(range(len(labels)), [f"{m}\nx{w:g}" for m, w in labels], fontsize=7, rotation=30)
     ax.set_ylabel("|cut - masked| / max|masked|")
     ax.set_title("cut vs masked network, float32 (each dot: one mask draw)")
     ax.legend(loc="center right", fontsize=8)
