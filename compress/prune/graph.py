@@ -22,12 +22,18 @@ is the BN after the group's first conv: the layer the group is reported by.
 Refused at the start, with the module named (a ``UserError``): operations whose effect on the
 channel axis Torch-Pruning cannot express (channel padding, permutes, channel shuffles, custom
 autograd functions ...), layer types we cannot cut (LayerNorm, GroupNorm, PReLU, grouped
-non-depthwise convs, stray ``nn.Parameter``s), and a prunable module called twice in one forward.
+non-depthwise convs, stray ``nn.Parameter``s), a prunable module called twice in one forward, and
+ops that would make a pruned channel non-zero before a conv/Linear reads it (a Sigmoid, an added
+constant or buffer, a clamp whose range leaves out 0 ...: cutting the channel would then change
+the network; the same op as a gate multiplying a masked tensor is fine). Then, unless
+``check=False``, every other channel of every group is cut once and the cut network compared with
+the masked one (``surgery.trial_cut``), which catches whatever these rules miss.
 Use ``ignore`` to leave the offending region whole.
 """
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -42,18 +48,23 @@ from compress.flops import forward_with_hooks
 
 OPTYPE = tp.ops.OPTYPE
 
-# Autograd ops that act on each channel separately and keep zero at zero, so a channel masked
-# before them stays zero after them (what cutting the channel means). Names as in grad_fn.name().
-CHANNELWISE_OPS = {
-    "Relu", "Hardtanh", "Hardswish", "Silu", "Gelu", "LeakyRelu", "Elu", "Mish", "Threshold",
-    "Clamp", "ClampMin", "ClampMax",
-    "Add", "Sub", "Mul", "Neg",
+# Autograd ops we can prune channels through (names as in grad_fn.name(), without "Backward<n>"),
+# sorted by what they do to a channel that masking set to zero. Cutting a channel equals masking
+# it only if it is still zero wherever a conv/Linear reads it (see _check_zero_flow).
+ZERO_PRESERVING = {  # act on each channel separately and map 0 to 0
+    "Relu", "Hardswish", "Silu", "Gelu", "LeakyRelu", "Elu", "Celu", "Mish", "Tanh", "Abs", "Neg",
     "MaxPool2DWithIndices", "MaxPool2D", "AvgPool2D", "AdaptiveAvgPool2D", "AdaptiveMaxPool2D",
-    "Mean", "Sum", "Amax",
+    "UpsampleNearest2D", "UpsampleBilinear2D", "Mean", "Sum", "Amax",
     "Clone", "ToCopy", "Contiguous", "Alias", "Detach", "NativeDropout", "Dropout", "FeatureDropout",
-    "Sigmoid", "Hardsigmoid",  # gates (squeeze-excitation): their output multiplies a masked tensor
     "Squeeze", "Unsqueeze",
 }
+BOUNDED = {"Hardtanh", "Clamp", "ClampMin", "ClampMax", "Threshold"}  # 0 -> 0 iff the range holds 0
+NONZERO_AT_ZERO = {  # what they make of a zero channel: fine as a gate multiplying a masked tensor, not on the way to a conv
+    "Sigmoid": "0.5", "Hardsigmoid": "0.5", "Softplus": "log(2)/beta", "LogSigmoid": "-log(2)", "Exp": "1",
+    "Cos": "1", "Rsub": "the constant it subtracts from",
+}
+BINARY = {"Add", "Sub", "Mul", "Div"}  # zero iff both operands are (add, sub) / either is (mul) / the numerator is (div)
+CHANNELWISE_OPS = ZERO_PRESERVING | BOUNDED | set(NONZERO_AT_ZERO) | BINARY
 SUPPORTED_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, nn.Linear)
 
 
@@ -123,6 +134,109 @@ def _check_layer(name: str, module: nn.Module) -> None:
                         f"depthwise convs can be cut (add '{name}' to --ignore)")
 
 
+class _NonZero(NamedTuple):
+    op: str      # the op that makes a pruned channel non-zero
+    where: str   # the module nearest before it
+    value: str   # what it makes of the zero
+
+
+def _value_at_zero(grad_fn, op: str) -> float | None:
+    """What a clamp-like op makes of 0 (None: autograd does not record enough to tell)."""
+    if op == "Threshold":  # x <= threshold -> value, and the value is not saved; the trial cut decides
+        return 0.0 if grad_fn._saved_threshold < 0 else None
+    if op == "Hardtanh":
+        low, high = grad_fn._saved_min_val, grad_fn._saved_max_val
+    else:
+        low, high = getattr(grad_fn, "_saved_min", None), getattr(grad_fn, "_saved_max", None)
+    value = torch.zeros(())
+    if low is not None:
+        value = torch.maximum(value, torch.as_tensor(low, dtype=torch.float32))
+    if high is not None:
+        value = torch.minimum(value, torch.as_tensor(high, dtype=torch.float32))
+    flat = value.flatten()
+    return float(flat[flat.abs().argmax()])
+
+
+def _zero_state(node, operands, state, outputs, names) -> _NonZero | None:
+    """None if this node's copy of the group's pruned channels is zero in the masked network."""
+    if node.module in names:  # a layer: zero where the mask multiplies its output
+        name = names[node.module]
+        return None if name in outputs else _NonZero(type(node.module).__name__, name, "its unmasked output")
+    inside = [state[n] for n in operands if n is not None]  # operands carrying the group's channels
+    first = next((s for s in inside if s is not None), None)
+    if node.type in (OPTYPE.CONCAT, OPTYPE.RESHAPE):  # other branches of a cat hold other channels
+        return first
+    op = _op_name(node.grad_fn)
+    if op == "T" and not node.inputs:  # a Linear's weight
+        return None
+
+    def nonzero(value: str) -> _NonZero:
+        return _NonZero(op, _nearest_module(node), value)
+
+    if op in NONZERO_AT_ZERO:
+        if op == "Softplus":
+            return nonzero(f"{math.log(2) / node.grad_fn._saved_beta:.3g}")
+        return nonzero(NONZERO_AT_ZERO[op])
+    if op in BOUNDED:
+        value = _value_at_zero(node.grad_fn, op)
+        return nonzero(f"{value:g}") if value not in (None, 0.0) else first
+    if op in ("Add", "Sub"):
+        return nonzero("the constant, buffer or outside tensor it adds") if None in operands else first
+    if op == "Mul":
+        return None if any(s is None for s in inside) else first
+    if op == "Div":
+        numerator, denominator = (operands + [None])[:2]
+        if numerator is None:
+            return nonzero("infinity (it divides by the channel)")
+        if denominator is not None and state[denominator] is None:
+            return nonzero("NaN (0 / 0)")
+        return state[numerator]
+    return first
+
+
+def _check_zero_flow(nodes: set, graph, names, members, outputs) -> None:
+    """Refuse a group whose pruned channels would not be zero where a conv/Linear reads them.
+
+    The mask zeroes a channel at each of its producers (`outputs`); cutting it removes that zero
+    from every conv/Linear reading it. An op in between that maps 0 elsewhere (a Sigmoid, an added
+    constant or buffer, a clamp above 0) feeds the reader a value in the masked network that the cut
+    one lacks. Such an op is harmless where its result multiplies a tensor that is still zero (a
+    squeeze-excitation gate), so we follow the zeros through the graph, not the op names alone.
+    """
+    def operands(node):  # per autograd input: its node if it carries the group's channels, else None
+        if node.module in names or node.grad_fn is None:
+            return []
+        by_fn = {n.grad_fn: n for n in node.inputs}
+        return [by_fn[f] if by_fn.get(f) in nodes else None for f, _ in node.grad_fn.next_functions]
+
+    readers = []
+    for m in members:
+        module = graph.model.get_submodule(m.module)
+        depthwise = isinstance(module, nn.Conv2d) and module.groups > 1  # cut with its input: a producer
+        if m.kind == "in" and isinstance(module, (nn.Conv2d, nn.Linear)) and not depthwise:
+            node = graph.module2node[module]
+            readers += [(m.module, n) for n in node.inputs if n in nodes and not (
+                _op_name(n.grad_fn) == "T" and not n.inputs)]
+    state: dict = {}
+    stack = [(n, False) for _, n in readers]
+    while stack:  # post-order over the group's part of the graph (iterative: deep nets, long chains)
+        node, ready = stack.pop()
+        if node in state:
+            continue
+        ops = operands(node)
+        if not ready:
+            stack.append((node, True))
+            stack += [(n, False) for n in ops if n is not None and n not in state]
+            continue
+        state[node] = _zero_state(node, ops, state, outputs, names)
+    for reader, node in readers:
+        bad = state[node]
+        if bad is not None:
+            raise UserError(f"cannot prune channels through '{bad.op}' after module '{bad.where}': it maps a "
+                            f"pruned (zero) channel to {bad.value}, so cutting the channel would change what "
+                            f"'{reader}' computes (add '{bad.where}' to --ignore)")
+
+
 def _resolve_ignore(model: nn.Module, ignore: Sequence[str]) -> set[str]:
     """Module names to keep whole; a name may be a container (all modules under it)."""
     names = [n for n, _ in model.named_modules() if n]
@@ -165,8 +279,12 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
     return graph
 
 
-def find_groups(model: nn.Module, example_input: torch.Tensor, ignore: Sequence[str] = ()) -> list[ChannelGroup]:
-    """All prunable channel groups of `model`, in model order. See the module docstring."""
+def find_groups(model: nn.Module, example_input: torch.Tensor, ignore: Sequence[str] = (),
+                check: bool = True) -> list[ChannelGroup]:
+    """All prunable channel groups of `model`, in model order. See the module docstring.
+
+    With `check`, every other channel of every group is cut once and the cut network compared
+    with the masked one (surgery.trial_cut): what the op rules miss is refused here too."""
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     ignored = _resolve_ignore(model, ignore)
@@ -193,6 +311,9 @@ def find_groups(model: nn.Module, example_input: torch.Tensor, ignore: Sequence[
         if group is not None:
             groups.append(group)
     groups.sort(key=lambda g: order[g.name])
+    if check and groups:
+        from compress.prune.surgery import trial_cut  # surgery imports this module
+        trial_cut(model, groups, example_input)
     return groups
 
 
@@ -250,6 +371,8 @@ def _convert(tp_group, graph, names, order, ignored, output_layers) -> ChannelGr
             outputs.append(conv)
     outputs.sort(key=lambda n: order[n])
     norm = _following_bn(graph, names, first)
+    nodes = {item.dep.target for item in items} | {item.dep.source for item in items}
+    _check_zero_flow(nodes, graph, names, members.values(), set(outputs))
     return ChannelGroup(name=first, size=size, norm=norm if norm in bns else None,
                         members=sorted(members.values(), key=lambda m: (order[m.module], m.kind)),
                         outputs=outputs)
