@@ -169,6 +169,34 @@ def test_run_is_one_raw_invoke(bundle_dir, test_images):
         onnx.run(bad)
 
 
+@pytest.mark.parametrize("fmt", runtime.FORMATS)
+def test_file_specs_write_what_read_bundle_reads(bundle_dir, fmt):
+    """export writes each artifact's input/output from file_specs (what the interpreter reports)
+    and the preprocess block from Preprocess.as_manifest; read_bundle parses both back unchanged."""
+    from runtime.bundle import read_bundle
+    from runtime.model import file_specs
+
+    if not runnable(fmt):
+        pytest.skip(f"no backend for {fmt} here")
+    bundle = read_bundle(bundle_dir)
+    art = bundle.artifacts[fmt]
+    inp, out = file_specs(art.path, fmt)
+    assert (inp, out) == (art.input, art.output)
+    assert inp.as_manifest() == art.info["input"] and out.as_manifest() == art.info["output"]
+    assert bundle.preprocess.as_manifest() == bundle.manifest["preprocess"]
+
+
+def test_load_says_where_its_time_went(bundle_dir):
+    import time
+
+    started = time.perf_counter()
+    model = load(bundle_dir, format="tflite", threads=1)
+    wall = time.perf_counter() - started
+    parts = model.load_seconds
+    assert set(parts) == {"bundle", "backend_import", "interpreter"}
+    assert all(v >= 0 for v in parts.values()) and sum(parts.values()) <= wall
+
+
 @pytest.mark.parametrize("fmt", ["tflite", "tflite-int8", "onnx"])
 def test_a_batch_equals_one_image_at_a_time(bundle_dir, test_images, fmt):
     model = load(bundle_dir, format=fmt, threads=1)
