@@ -248,13 +248,11 @@ def file_specs(path: Any, format: str, backend: Optional[str] = None) -> Tuple[T
         data = path.read_bytes()
     except OSError as e:
         raise BundleError(f"cannot read {path}: {e.strerror or e}") from None
-    session = open_session(choose_backend(format, backend), data, 1, path.name)
-    specs = []
-    for what, name, dtype, shape, quant in (
-            ("input", session.input_name, session.input_dtype, session.input_shape, session.input_quant),
-            ("output", session.output_name, session.output_dtype, session.output_shape, session.output_quant)):
-        scale, zero_point = quant if quant is not None else (None, None)
-        specs.append(TensorSpec(name=name, shape=shape, dtype=dtype.name, layout=layout if what == "input" else None,
-                                kind="logits" if what == "output" else None, scale=scale, zero_point=zero_point))
-    return specs[0], specs[1]
-
+    s = open_session(choose_backend(format, backend), data, 1, path.name)
+    in_scale, in_zp = s.input_quant or (None, None)
+    out_scale, out_zp = s.output_quant or (None, None)
+    inp = TensorSpec(name=s.input_name, shape=s.input_shape, dtype=s.input_dtype.name, layout=layout,
+                     scale=in_scale, zero_point=in_zp)
+    out = TensorSpec(name=s.output_name, shape=s.output_shape, dtype=s.output_dtype.name, kind="logits",
+                     scale=out_scale, zero_point=out_zp)
+    return inp, out
