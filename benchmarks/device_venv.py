@@ -50,7 +50,8 @@ from benchmarks.common import (  # noqa: E402
 DEVICE_DIST = REPO / "runtime"
 EXTRAS = tuple(tomllib.loads((DEVICE_DIST / "pyproject.toml").read_text())["project"]["optional-dependencies"])
 FORMATS = ("tflite-int8", "tflite", "onnx-int8", "onnx")
-# The stages of one cold start, in order; `total` is their sum (process start-up is reported apart).
+# The stages of one cold start, in order (load = verify + interpreter); `total` is import + load +
+# first inference (process start-up is reported apart).
 STAGES = ("import", "verify", "interpreter", "first_inference")
 
 # Runs inside the venv: one cold start of one format; prints one JSON line.
@@ -72,10 +73,11 @@ t2, c2 = time.perf_counter(), time.process_time()
 pre = model.bundle.preprocess
 probs = model.predict(np.full((pre.height, pre.width, 3), 128, np.uint8))
 t3, c3 = time.perf_counter(), time.process_time()
-s = model.load_seconds
+s = getattr(model, "load_seconds", None)  # None: a runtime older than load_seconds (--runtime-code)
 print(json.dumps({"format": fmt, "backend": model.backend, "backend_version": model.backend_version,
-                  "t0_wall": t0_wall, "import": t1 - t0, "load": t2 - t1, "verify": s["bundle"],
-                  "backend_import": s["backend_import"], "interpreter": t2 - t1 - s["bundle"],
+                  "runtime_file": runtime.__file__, "t0_wall": t0_wall, "import": t1 - t0, "load": t2 - t1,
+                  "verify": s and s["bundle"], "backend_import": s and s["backend_import"],
+                  "interpreter": s and t2 - t1 - s["bundle"],
                   "first_inference": t3 - t2, "cpu_import": c1 - c0, "cpu_load": c2 - c1, "cpu_first_inference": c3 - c2,
                   "finite": bool(np.isfinite(probs).all()),
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -107,14 +109,18 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def board_env() -> dict:
+def board_env(runtime_code: Optional[Path] = None) -> dict:
     """The environment a service on the board would have: none of this shell's PYTHON* settings
-    (PYTHONPATH would leak the checkout in, PYTHONDONTWRITEBYTECODE would stop .pyc caching)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    (PYTHONPATH would leak the checkout in, PYTHONDONTWRITEBYTECODE would stop .pyc caching).
+    runtime_code: a folder whose runtime/ package is imported instead of the installed one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    if runtime_code is not None:
+        env["PYTHONPATH"] = str(runtime_code.resolve())
+    return env
 
 
-def run_json(cmd: List[str], timeout: float = 600, **kw) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=board_env(), **kw)
+def run_json(cmd: List[str], timeout: float = 600, runtime_code: Optional[Path] = None, **kw) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=board_env(runtime_code), **kw)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         raise BenchError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -137,27 +143,30 @@ def why(packages: List[dict]) -> None:
                 dep["required_by"].append(p["name"])
 
 
-def cold_start(vpy: Path, fmt: str, bundle: Path, threads: int, cwd: Path, nice: int = 0) -> dict:
+def cold_start(vpy: Path, fmt: str, bundle: Path, threads: int, cwd: Path, nice: int = 0,
+               runtime_code: Optional[Path] = None) -> dict:
     """One fresh process; 'startup' is launch -> first line of the script (interpreter start)."""
     prefix = ["nice", "-n", str(nice)] if nice else []
     launched = time.time()
-    r = run_json([*prefix, str(vpy), "-c", COLD_START, fmt, str(bundle.resolve()), str(threads)], cwd=cwd)
+    r = run_json([*prefix, str(vpy), "-c", COLD_START, fmt, str(bundle.resolve()), str(threads)], cwd=cwd,
+                 runtime_code=runtime_code)
     if "error" not in r:
         r["startup"] = r.pop("t0_wall") - launched
-        r["total"] = sum(r[s] for s in STAGES)
+        r["total"] = r["import"] + r["load"] + r["first_inference"]
         r["cpu_total"] = r["cpu_import"] + r["cpu_load"] + r["cpu_first_inference"]
     return r
 
 
 def measure(bundle: Path, extra: str, python: str, repeats: int, threads: int, keep: Optional[Path],
-            compile_pyc: bool = True, nice: int = 0) -> dict:
+            compile_pyc: bool = True, nice: int = 0, runtime_code: Optional[Path] = None) -> dict:
     from tqdm import tqdm
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     formats = [f for f in FORMATS if f in manifest.get("artifacts", {})]
     flags = [] if compile_pyc else ["--no-compile"]
     result = {"meta": meta(), "bundle": manifest.get("name", bundle.name), "extra": extra,
-              "install": shlex.join(["pip", "install", *flags, f"./runtime[{extra}]"]), "nice": nice}
+              "install": shlex.join(["pip", "install", *flags, f"./runtime[{extra}]"]), "nice": nice,
+              "runtime_code": str(runtime_code) if runtime_code else None}
     work = Path(tempfile.mkdtemp(prefix="edgeslim-device-venv-"))
     venv = keep or work / "venv"
     try:
@@ -191,16 +200,17 @@ def measure(bundle: Path, extra: str, python: str, repeats: int, threads: int, k
         runs: Dict[str, List[dict]] = {f: [] for f in formats}
         for _ in tqdm(range(repeats), desc="cold starts", unit="round"):
             for fmt in formats:
-                runs[fmt].append(cold_start(vpy, fmt, bundle, threads, work, nice))
+                runs[fmt].append(cold_start(vpy, fmt, bundle, threads, work, nice, runtime_code))
         result["cold_start"] = {}
         for fmt, rs in runs.items():
             if any("error" in r for r in rs):
                 result["cold_start"][fmt] = {"error": next(r["error"] for r in rs if "error" in r)}
                 continue
-            keys = ("startup", *STAGES, "backend_import", "total", "cpu_import", "cpu_load", "cpu_first_inference",
-                    "cpu_total", "max_rss_mb")
+            keys = ("startup", *STAGES, "load", "backend_import", "total", "cpu_import", "cpu_load",
+                    "cpu_first_inference", "cpu_total", "max_rss_mb")
             result["cold_start"][fmt] = {"backend": rs[0]["backend"], "backend_version": rs[0]["backend_version"],
-                                         "median": {k: statistics.median(r[k] for r in rs) for k in keys},
+                                         "runtime_file": rs[0]["runtime_file"],
+                                         "median": {k: median(r[k] for r in rs) for k in keys},
                                          "first_total": rs[0]["total"], "finite": all(r["finite"] for r in rs),
                                          "runs": rs}
         result["venv_bytes_after_runs"] = dir_bytes(venv)  # + any .pyc Python wrote on first imports
@@ -219,6 +229,15 @@ def verify_problems(r: dict) -> str:
     return f" ({'; '.join(bad)})" if bad else ""
 
 
+def median(values) -> Optional[float]:
+    values = list(values)
+    return None if None in values else statistics.median(values)
+
+
+def ms(v: Optional[float], digits: int = 0) -> str:
+    return "-" if v is None else f"{1000 * v:.{digits}f}"
+
+
 def markdown(r: dict) -> str:
     mb = 1e6
     imp = r["importable"]
@@ -229,7 +248,9 @@ def markdown(r: dict) -> str:
              f"whole venv {r['venv_bytes'] / mb:.1f} MB after install, {r['venv_bytes_after_runs'] / mb:.1f} MB "
              "after the cold starts",
              "- importable in the venv: " + ", ".join(f"{m} {'YES (wrong!)' if v else 'no'}" for m, v in imp.items()),
-             f"- `python -m runtime verify`: {'OK' if r['verify_ok'] else 'FAILED'}" + verify_problems(r), "",
+             f"- `python -m runtime verify`: {'OK' if r['verify_ok'] else 'FAILED'}" + verify_problems(r),
+             *([f"- cold starts time the runtime in `{r['runtime_code']}`, not the installed one"]
+               if r.get("runtime_code") else []), "",
              "| package | version | MB | required by |", "|---|---|---:|---|"]
     lines += [f"| {p['name']} | {p['version']} | {p['bytes'] / mb:.1f} | {', '.join(p['required_by']) or '-'} |"
               for p in r["packages"]]
@@ -243,11 +264,11 @@ def markdown(r: dict) -> str:
         if "error" in c:
             lines.append(f"| {fmt} | not runnable: {c['error']} | | | | | | | | | |")
             continue
-        m = {k: v * 1000 for k, v in c["median"].items() if k != "max_rss_mb"}
-        lines.append(f"| {fmt} | {c['backend']} {c['backend_version']} | {m['startup']:.0f} | {m['import']:.0f} | "
-                     f"{m['verify']:.0f} | {m['interpreter']:.0f} ({m['backend_import']:.0f}) | "
-                     f"{m['first_inference']:.1f} | **{m['total']:.0f}** | {1000 * c['first_total']:.0f} | "
-                     f"{m['cpu_total']:.0f} | {c['median']['max_rss_mb']:.0f} |")
+        m = c["median"]
+        lines.append(f"| {fmt} | {c['backend']} {c['backend_version']} | {ms(m['startup'])} | {ms(m['import'])} | "
+                     f"{ms(m['verify'])} | {ms(m['interpreter'])} ({ms(m['backend_import'])}) | "
+                     f"{ms(m['first_inference'], 1)} | **{ms(m['total'])}** | {ms(c['first_total'])} | "
+                     f"{ms(m['cpu_total'])} | {m['max_rss_mb']:.0f} |")
     lines += ["", "CPU time: this process's user + system time over the same stages (import + load + first "
               "inference); on a busy host it is close to what the stages take on an idle one."]
     return "\n".join(lines) + "\n"
@@ -256,9 +277,11 @@ def markdown(r: dict) -> str:
 def plot(r: dict, path: Path) -> None:
     plt = pyplot()
     rows = [(f, c["median"]) for f, c in r["cold_start"].items() if "error" not in c]
+    # a runtime without load_seconds (--runtime-code) has no verify/interpreter split: one load bar
+    stages = STAGES if all(m["verify"] is not None for _, m in rows) else ("import", "load", "first_inference")
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 2.0))
     left = [0.0] * len(rows)
-    for stage in STAGES:
+    for stage in stages:
         widths = [1000 * m[stage] for _, m in rows]
         ax.barh([f for f, _ in rows], widths, left=left, label=stage.replace("_", " "))
         left = [a + b for a, b in zip(left, widths)]
@@ -266,7 +289,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_xlabel("milliseconds (median of the runs)")
     ax.set_title(f"cold start, {r['install']}, Python {r['python']}")
     ax.invert_yaxis()
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=len(STAGES) + 1, fontsize=8, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=len(stages) + 1, fontsize=8, frameon=False)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -284,6 +307,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--nice", type=int, default=0,
                    help="run each cold start at this niceness (negative needs root): on a host busy with other "
                         "work, -20 gives the measured process the CPU as on an idle board; pip is not affected")
+    p.add_argument("--runtime-code", type=Path, default=None,
+                   help="time the runtime/ package in this folder instead of the installed one (e.g. an older "
+                        "commit: git worktree add /tmp/old main), with the same installed packages")
     p.add_argument("--no-compile", action="store_true",
                    help="pip install --no-compile: no .pyc at install (Python writes those it imports on first use)")
     a = p.parse_args(argv)
@@ -295,13 +321,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise BenchError(f"{a.bundle} is not a bundle (no manifest.json)")
         if a.keep is not None and a.keep.exists():
             raise BenchError(f"{a.keep} exists; --keep needs a new folder")
+        if a.runtime_code is not None and not (a.runtime_code / "runtime" / "__init__.py").is_file():
+            raise BenchError(f"--runtime-code {a.runtime_code} has no runtime/ package")
         result = measure(a.bundle, a.extra, a.python, max(1, a.repeats), a.threads, a.keep, not a.no_compile,
-                         a.nice)
+                         a.nice, a.runtime_code)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stem = f"{result['bundle']}-{a.extra.replace(',', '+')}-py{''.join(result['python'].split('.')[:2])}" \
-        + ("-no-compile" if a.no_compile else "")
+        + ("-no-compile" if a.no_compile else "") + ("-other-code" if a.runtime_code else "")
     write_json(a.out / f"{stem}.json", result)
     write_text(a.out / f"{stem}.md", markdown(result))
     plot(result, a.out / f"{stem}.png")
