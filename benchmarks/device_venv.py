@@ -170,7 +170,11 @@ def measure(bundle: Path, extra: str, python: str, repeats: int, threads: int, k
     work = Path(tempfile.mkdtemp(prefix="edgeslim-device-venv-"))
     venv = keep or work / "venv"
     try:
-        source = work / "runtime"
+        # The source copy lives apart from `here`, the empty folder every venv command runs in:
+        # `python -c` / `-m` put the working directory first on sys.path, and a runtime/ folder
+        # there would be imported instead of the installed package.
+        source, here = work / "src" / "runtime", work / "run"
+        here.mkdir()
         shutil.copytree(DEVICE_DIST, source, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
         log(f"creating a venv with {python}")
         subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=300, env=board_env())
@@ -178,10 +182,10 @@ def measure(bundle: Path, extra: str, python: str, repeats: int, threads: int, k
         log(f'{result["install"]} (a copy of {DEVICE_DIST}; ~1 min)')
         started = time.time()
         subprocess.run([str(vpy), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *flags,
-                        f"{source}[{extra}]"], check=True, timeout=1800, cwd=work, env=board_env())
+                        f"{source}[{extra}]"], check=True, timeout=1800, cwd=here, env=board_env())
         result["pip_seconds"] = round(time.time() - started, 1)
         # -B: the inventory itself must not write .pyc files into what it measures.
-        inv = run_json([str(vpy), "-B", "-c", INVENTORY], cwd=work)
+        inv = run_json([str(vpy), "-B", "-c", INVENTORY], cwd=here)
         packages = [p for p in inv["packages"] if p["name"].lower() not in TOOLING]
         why(packages)
         result.update(python=inv["python"], packages=packages, importable=inv["importable"],
@@ -189,7 +193,7 @@ def measure(bundle: Path, extra: str, python: str, repeats: int, threads: int, k
 
         log("python -m runtime verify in the venv")
         proc = subprocess.run([str(vpy), "-m", "runtime", "verify", str(bundle.resolve()), "--json",
-                               "--threads", str(threads)], capture_output=True, text=True, cwd=work, timeout=600,
+                               "--threads", str(threads)], capture_output=True, text=True, cwd=here, timeout=600,
                               env=board_env())
         try:
             result["verify"] = json.loads(proc.stdout)
@@ -200,7 +204,11 @@ def measure(bundle: Path, extra: str, python: str, repeats: int, threads: int, k
         runs: Dict[str, List[dict]] = {f: [] for f in formats}
         for _ in tqdm(range(repeats), desc="cold starts", unit="round"):
             for fmt in formats:
-                runs[fmt].append(cold_start(vpy, fmt, bundle, threads, work, nice, runtime_code))
+                runs[fmt].append(cold_start(vpy, fmt, bundle, threads, here, nice, runtime_code))
+        expected = (runtime_code or venv).resolve()  # which runtime/ the cold starts must have imported
+        for r in (r for rs in runs.values() for r in rs if "error" not in r):
+            if not Path(r["runtime_file"]).resolve().is_relative_to(expected):
+                raise BenchError(f"a cold start imported {r['runtime_file']}, not the runtime in {expected}")
         result["cold_start"] = {}
         for fmt, rs in runs.items():
             if any("error" in r for r in rs):

@@ -354,6 +354,7 @@ def test_device_venv_installs_only_the_runtime_and_times_every_stage(bundle_dir,
     for fmt in ("tflite", "tflite-int8"):
         c = r["cold_start"][fmt]
         assert c["backend"] == "ai-edge-litert" and c["finite"]
+        assert "/venv/lib/" in c["runtime_file"]  # the installed package, not a source folder on the path
         m = c["median"]
         assert all(m[s] > 0 for s in ("import", "verify", "interpreter", "first_inference"))
         assert m["total"] == pytest.approx(m["import"] + m["verify"] + m["interpreter"] + m["first_inference"])
