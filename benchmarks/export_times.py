@@ -8,8 +8,8 @@ onnx-int8 pays for the fp32 ONNX it starts from, as in `python -m export`); the 
 imported before anything is timed, so the first build does not pay for loading them. Every build
 is repeated --repeat times (the first one is reported separately: a converter's own first-call
 setup shows there). The last build of each format is then evaluated once on the run's test set
-with its real runtime, as `python -m export` does to check it: that time and the top-1 are
-reported too. Writes export_times.json, export_times.md and export_times.png into --out.
+through the runtime package, as `python -m export` does to check it (export/measure.py): that
+time and the top-1 are reported too. Writes export_times.json, export_times.md and export_times.png into --out.
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def warm_imports() -> None:
 
 def time_format(run, program, max_batch: int, name: str, n_calib: int, repeat: int, bar) -> dict:
     """Build `name` `repeat` times from scratch; evaluate the last build once."""
+    from export import measure
     from export.formats import FORMATS, Context
-    from export.pipeline import evaluate
 
     fmt = FORMATS[name]
     builds = []
@@ -63,7 +63,8 @@ def time_format(run, program, max_batch: int, name: str, n_calib: int, repeat: i
             builds.append(time.perf_counter() - started)
             bar.update(1)
         started = time.perf_counter()
-        logits = evaluate(fmt.runner(file, run.preprocess), run)
+        model = measure.load(file.parent, name, run, measure.artifact_entry(name, file))
+        logits = measure.logits(model, run.test.x)
         eval_s = time.perf_counter() - started
         size = file.stat().st_size
     return {"build_s": statistics.median(builds), "build_first_s": builds[0], "build_min_s": min(builds),

@@ -111,13 +111,17 @@ def package_dir(name: str) -> Path:
 
 
 def code_files() -> List[Tuple[str, Path]]:
+    """The packages' own .py/.md files: only folders that are packages (have an __init__.py), so
+    a build/ or *.egg-info left by `pip install ./runtime` never reaches the board."""
     files = []
     for pkg in CODE_PACKAGES:
         root = package_dir(pkg)
         for path in sorted(root.rglob("*")):
             rel = path.relative_to(root)
+            folders = [root.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))]
             if path.is_file() and path.suffix in (".py", ".md") and "__pycache__" not in rel.parts \
-                    and not any(p.startswith(".") for p in rel.parts):
+                    and not any(p.startswith(".") for p in rel.parts) \
+                    and all((f / "__init__.py").is_file() for f in folders):
                 files.append((f"code/{pkg}/{rel.as_posix()}", path))
     return files
 

@@ -1,5 +1,5 @@
 """The formats, as one table. Each format is a build function (slim model -> one file) and a
-runner class (that file -> logits with its real runtime)."""
+reader of that file's conv widths; running it is the runtime's job (export/measure.py)."""
 from __future__ import annotations
 
 import shutil
@@ -9,10 +9,12 @@ from typing import Callable
 
 import numpy as np
 
+from export import measure
 from export.errors import ExportError
+from export.graph import onnx_conv_out_channels, tflite_conv_out_channels, tflite_ops, tflite_tensor_dtypes
 from export.layout import flatten_channels_last
 from export.run import Run
-from export.runners import OnnxRunner, TfliteRunner, tflite_ops, tflite_tensor_dtypes
+from runtime.model import file_specs
 
 ONNX_OPSET = 18
 INT8_MAX_CALIB_DROP = 0.01  # try another ONNX calibration method when MinMax loses more than this
@@ -33,23 +35,26 @@ class Context:
     def examples(self, n: int) -> np.ndarray:
         """n real images (NHWC float32) to trace with: calibration images, else test images."""
         source = self.calib_x if len(self.calib_x) else self.run.test.x
-        return self.run.preprocess(source[:n])
+        return self.run.preprocess.normalize(source[:n])
 
     def sample_nchw(self, n: int = 2):
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(self.examples(n).transpose(0, 3, 1, 2)))
 
+    def calib_top1(self, fmt: str, file: Path) -> float:
+        """Top-1 of a candidate model file on the calibration images, run by the runtime."""
+        return measure.top1(measure.load_file(fmt, file, self.run), self.calib_x, self.calib_y)
+
     def calib_batches(self, layout: str, batch: int = 32, limit: int | None = None):
         images, batch = self.calib_x[:limit], min(batch, self.max_batch)
         for i in range(0, len(images), batch):
-            x = self.run.preprocess(images[i:i + batch])
-            yield np.ascontiguousarray(x.transpose(0, 3, 1, 2) if layout == "NCHW" else x)
+            yield self.run.preprocess.normalize(images[i:i + batch], layout)
 
     def fp32_onnx(self) -> Path:
         """The fp32 ONNX model, built once and shared by `onnx` and `onnx-int8`."""
         if self._fp32_onnx is None:
-            self._fp32_onnx = self.scratch / "fp32.onnx"
+            self._fp32_onnx = own_folder(self.scratch / "fp32") / "model.onnx"
             build_onnx_fp32(self, self._fp32_onnx)
         return self._fp32_onnx
 
@@ -58,8 +63,14 @@ class Context:
 class Format:
     file: str
     build: Callable[[Context, Path], dict]  # writes the file, returns extra manifest fields
-    runner: type
+    conv_channels: Callable[[Path], list[int]]  # output channels of every conv, read from the file
     int8: bool
+
+
+def own_folder(path: Path) -> Path:
+    """A folder for one model file that the runtime loads on its own (export/measure.py)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # ---------------------------------------------------------------- ONNX
@@ -112,26 +123,26 @@ def build_onnx_int8(ctx: Context, out: Path) -> dict:
 
     prepared = ctx.scratch / "int8_pre.onnx"
     quant_pre_process(str(ctx.fp32_onnx()), str(prepared))
-    fp32_top1 = calib_top1(OnnxRunner(ctx.fp32_onnx(), ctx.run.preprocess), ctx)
+    fp32_top1 = ctx.calib_top1("onnx", ctx.fp32_onnx())
     # onnxruntime's calibrators keep every activation of every calibration image in memory (its
     # CalibMaxIntermediateOutputs option drops data in 1.32), so use as many images as fit in CALIB_MEMORY.
     n = max(32, min(len(ctx.calib_x), CALIB_MEMORY // activation_bytes_per_image(prepared)))
     tried: dict[str, float] = {}
     best = None
     for method in (CalibrationMethod.MinMax, CalibrationMethod.Percentile, CalibrationMethod.Entropy):
-        candidate = ctx.scratch / f"int8_{method.name}.onnx"
+        candidate = own_folder(ctx.scratch / f"int8_{method.name}") / "model_int8.onnx"
         extra = {"CalibMovingAverage": False}
         if method == CalibrationMethod.Percentile:
             extra["CalibPercentile"] = 99.999
         quantize_static(str(prepared), str(candidate), CalibrationReader(ctx, "input", n),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8, calibrate_method=method, extra_options=extra)
-        tried[method.name] = calib_top1(OnnxRunner(candidate, ctx.run.preprocess), ctx)
+        tried[method.name] = ctx.calib_top1("onnx-int8", candidate)
         if best is None or tried[method.name] > tried[best.name]:
             best = method
         if fp32_top1 - tried[method.name] <= INT8_MAX_CALIB_DROP:
             break
-    shutil.copyfile(ctx.scratch / f"int8_{best.name}.onnx", out)
+    shutil.copyfile(ctx.scratch / f"int8_{best.name}" / "model_int8.onnx", out)
     return {"calibration": {"images": min(n, len(ctx.calib_x)), "method": best.name.lower(),
                             "fp32_calib_top1": fp32_top1, "calib_top1": {k.lower(): v for k, v in tried.items()}}}
 
@@ -146,10 +157,6 @@ def activation_bytes_per_image(model_file: Path) -> int:
         dims = [d.dim_value for d in info.type.tensor_type.shape.dim[1:]]
         total += 4 * int(np.prod(dims)) if dims and all(dims) else 0
     return max(total, 1)
-
-
-def calib_top1(runner, ctx: Context) -> float:
-    return float((runner(ctx.calib_x).argmax(1) == ctx.calib_y).mean())
 
 
 # ---------------------------------------------------------------- TFLite
@@ -210,9 +217,9 @@ def build_tflite_int8(ctx: Context, out: Path) -> dict:
     litert_torch.convert(graph, (sample_nhwc(ctx),),
                          quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(out))
     check_no_transpose(out)
-    runner = TfliteRunner(out, ctx.run.preprocess)
-    if runner.input.dtype != "int8" or runner.output.dtype != "int8":
-        raise ExportError(f"{out.name}: expected int8 input/output, got {runner.input.dtype}/{runner.output.dtype}")
+    inp, outp = file_specs(out, "tflite-int8")
+    if inp.dtype != "int8" or outp.dtype != "int8":
+        raise ExportError(f"{out.name}: expected int8 input/output, got {inp.dtype}/{outp.dtype}")
     floats = tflite_tensor_dtypes(out) - {"int8", "int32"}
     if floats:
         raise ExportError(f"{out.name}: not full-integer, the graph still has {', '.join(sorted(floats))} tensors")
@@ -247,8 +254,10 @@ def check_no_transpose(file: Path) -> None:
 
 
 FORMATS: dict[str, Format] = {
-    "onnx": Format(file="model.onnx", build=build_onnx, runner=OnnxRunner, int8=False),
-    "onnx-int8": Format(file="model_int8.onnx", build=build_onnx_int8, runner=OnnxRunner, int8=True),
-    "tflite": Format(file="model.tflite", build=build_tflite, runner=TfliteRunner, int8=False),
-    "tflite-int8": Format(file="model_int8.tflite", build=build_tflite_int8, runner=TfliteRunner, int8=True),
+    "onnx": Format(file="model.onnx", build=build_onnx, conv_channels=onnx_conv_out_channels, int8=False),
+    "onnx-int8": Format(file="model_int8.onnx", build=build_onnx_int8, conv_channels=onnx_conv_out_channels,
+                        int8=True),
+    "tflite": Format(file="model.tflite", build=build_tflite, conv_channels=tflite_conv_out_channels, int8=False),
+    "tflite-int8": Format(file="model_int8.tflite", build=build_tflite_int8, conv_channels=tflite_conv_out_channels,
+                          int8=True),
 }

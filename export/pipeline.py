@@ -1,7 +1,6 @@
-"""Build every requested format into a folder, run each with its real runtime, write the manifest."""
+"""Build every requested format into a folder, measure each through the runtime package, write the manifest."""
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import sys
@@ -13,9 +12,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from export import measure
 from export.errors import ExportError
 from export.formats import FORMATS, Context
 from export.run import Run
+from runtime.bundle import sha256_file
 
 SOURCE_KEYS = ("method", "model", "target", "achieved", "dense", "slim", "layers")
 TOOLCHAIN = ("torch", "onnx", "onnxruntime", "onnxsim", "litert-torch", "ai-edge-litert", "numpy")
@@ -32,14 +33,6 @@ class Options:
     samples: int = 64
 
 
-def sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def torch_logits(program, run: Run, max_batch: int) -> np.ndarray:
     import torch
 
@@ -48,8 +41,8 @@ def torch_logits(program, run: Run, max_batch: int) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in tqdm(range(0, len(run.test.x), batch), desc="torch reference", leave=False, unit="batch"):
-            x = run.preprocess(run.test.x[i:i + batch]).transpose(0, 3, 1, 2)
-            out.append(model(torch.from_numpy(np.ascontiguousarray(x))).numpy())
+            x = run.preprocess.normalize(run.test.x[i:i + batch], "NCHW")
+            out.append(model(torch.from_numpy(x)).numpy())
     return np.concatenate(out).astype(np.float32)
 
 
@@ -66,14 +59,6 @@ def program_conv_out_channels(program) -> list[int]:
                 weight = getattr(weight, part)
             channels.append(int(weight.shape[0]))
     return channels
-
-
-def evaluate(runner, run: Run) -> np.ndarray:
-    """Logits of the whole test set, in chunks so the bar moves."""
-    chunk = 1000
-    return np.concatenate([runner(run.test.x[i:i + chunk])
-                           for i in tqdm(range(0, len(run.test.x), chunk), desc="  evaluate", leave=False,
-                                         unit="kimg")])
 
 
 def toolchain() -> dict:
@@ -97,26 +82,24 @@ class Reference:
 
 def export_format(name: str, ctx: Context, folder: Path, ref: Reference, options: Options,
                   checks: list[dict]) -> dict:
-    """Build one format, run it with its runtime on the whole test set, check it; its manifest entry."""
+    """Build one format, run it through the runtime on the whole test set, check it; its manifest entry."""
     fmt, run = FORMATS[name], ctx.run
     file = folder / fmt.file
     started = time.time()
     extra = fmt.build(ctx, file)
     seconds = time.time() - started
-    runner = fmt.runner(file, run.preprocess)
 
     # The pruned channels must be physically gone: every conv of the artifact has the slim widths.
-    channels = sorted(runner.conv_out_channels(file))
+    channels = sorted(fmt.conv_channels(file))
     checks.append({"name": f"{name} conv channels equal the slim model's", "passed": channels == ref.conv_channels})
     if channels != ref.conv_channels:
         raise ExportError(f"{name}: conv output channels {channels} differ from the slim model's {ref.conv_channels}")
 
-    logits = evaluate(runner, run)
+    entry = measure.artifact_entry(name, file)
+    model = measure.load(folder, name, run, entry)
+    logits = measure.logits(model, run.test.x)
     top1 = float((logits.argmax(1) == run.test.y).mean())
-    entry = {"file": fmt.file, "sha256": sha256(file), "bytes": file.stat().st_size,
-             "input": runner.input.as_manifest(runner.layout),
-             "output": runner.output.as_manifest(None, kind="logits"),
-             "top1": top1, "eval_images": len(run.test.x)}
+    entry.update(top1=top1, eval_images=len(run.test.x), measured_with=measure.measured_with(model))
     if fmt.int8:
         entry["top1_drop_vs_fp32"] = check_int8(name, top1, ref, options, checks)
     else:
@@ -174,13 +157,9 @@ def build_bundle(run: Run, folder: Path, options: Options, scratch: Path) -> dic
     np.savez(folder / "samples.npz", x=run.test.x[:n], y=run.test.y[:n], logits=ref.logits[:n])
     report = run.report
     manifest = {
-        "schema_version": 1,
-        "name": run.name,
+        **measure.manifest(run, artifacts),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "classes": [str(c) for c in report["classes"]],
-        "preprocess": run.preprocess.as_manifest(),
-        "artifacts": artifacts,
-        "samples": {"file": "samples.npz", "sha256": sha256(folder / "samples.npz"), "count": n},
+        "samples": {"file": "samples.npz", "sha256": sha256_file(folder / "samples.npz"), "count": n},
         "source": {k: report.get(k) for k in SOURCE_KEYS},
         "reference": {"top1": ref.top1, "eval_images": len(run.test.x), "runtime": "torch"},
         "checks": checks,

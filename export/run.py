@@ -2,6 +2,8 @@
 
 model.pt2 is opened without trusting pickle: torch.export.load unpickles some payloads with
 weights_only=False, so every pickled member is first proven to load with weights_only=True.
+The run's preprocessing is the runtime's own Preprocess: torch, calibration and the board all
+see images normalised by the same code.
 """
 from __future__ import annotations
 
@@ -14,26 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import UserError
+from runtime.bundle import Preprocess
 
 REPORT_KEYS = ("name", "classes", "input", "num_classes")
-
-
-@dataclass
-class Preprocess:
-    scale: float
-    mean: list[float]
-    std: list[float]
-    height: int
-    width: int
-
-    def __call__(self, x_uint8_nhwc: np.ndarray) -> np.ndarray:
-        """uint8 NHWC RGB -> normalised float32 NHWC."""
-        x = x_uint8_nhwc.astype(np.float32) * np.float32(self.scale)
-        return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-
-    def as_manifest(self) -> dict:
-        return {"scale": self.scale, "mean": self.mean, "std": self.std, "color": "RGB",
-                "height": self.height, "width": self.width}
 
 
 @dataclass
@@ -104,8 +89,8 @@ def open_run(path: Path, data_dir: Path | None = None, need_calib: bool = True) 
     report = read_report(path)
     check_program_archive(path / "model.pt2")
     inp = report["input"]
-    pre = Preprocess(scale=float(inp["scale"]), mean=[float(v) for v in inp["mean"]],
-                     std=[float(v) for v in inp["std"]], height=int(inp["shape"][2]), width=int(inp["shape"][3]))
+    pre = Preprocess(scale=float(inp["scale"]), mean=tuple(float(v) for v in inp["mean"]),
+                     std=tuple(float(v) for v in inp["std"]), height=int(inp["shape"][2]), width=int(inp["shape"][3]))
 
     dataset = data_dir / f"{report.get('dataset', 'cifar10')}.npz" if data_dir else None
     if data_dir is not None and not dataset.is_file():

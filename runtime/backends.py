@@ -26,16 +26,17 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from .bundle import Artifact
 from .errors import BundleError, InputError
 
 # Preference order when the user does not name one.
 BACKENDS = ("ai-edge-litert", "tflite-runtime", "onnxruntime")
 _MODULE = {"ai-edge-litert": "ai_edge_litert", "tflite-runtime": "tflite_runtime", "onnxruntime": "onnxruntime"}
 _KIND = {"ai-edge-litert": "tflite", "tflite-runtime": "tflite", "onnxruntime": "onnx"}
-_PIP = {"ai-edge-litert": 'pip install "edgeslim[device]"   (or: pip install ai-edge-litert)',
-        "tflite-runtime": 'pip install "edgeslim[device-tflite]"   (or: pip install "numpy<2" tflite-runtime)',
-        "onnxruntime": 'pip install "edgeslim[device-onnx]"   (or: pip install onnxruntime)'}
+# What to install, with the pinned version runtime/pyproject.toml's extra holds (from a checkout).
+_PIP = {"ai-edge-litert": 'pip install ai-edge-litert   (pinned, from an edgeslim checkout: pip install "./runtime[litert]")',
+        "tflite-runtime": 'pip install "numpy<2" tflite-runtime   (pinned, from an edgeslim checkout: '
+                          'pip install "./runtime[tflite-runtime]")',
+        "onnxruntime": 'pip install onnxruntime   (pinned, from an edgeslim checkout: pip install "./runtime[onnx]")'}
 
 
 def format_kind(fmt: str) -> str:
@@ -91,7 +92,7 @@ def _check_tflite_runtime_numpy() -> None:
     major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if major_minor <= (2, 14) and int(np.__version__.split(".")[0]) >= 2:
         raise BundleError(f"tflite-runtime {version} needs numpy<2 but numpy {np.__version__} is installed: "
-                          'pip install "numpy<2" (or use ai-edge-litert: pip install "edgeslim[device]")')
+                          'pip install "numpy<2" (or use ai-edge-litert: pip install ai-edge-litert)')
 
 
 def choose_backend(fmt: str, backend: Optional[str] = None) -> str:
@@ -130,10 +131,14 @@ class Session:
 
     backend: str
     backend_version: str
+    input_name: str
     input_dtype: np.dtype
     input_shape: Tuple[int, ...]  # the model's input shape; -1 where the batch is dynamic
     fixed_batch: Optional[int]  # None = any batch in one invoke
     input_quant: Optional[Tuple[float, int]]  # (scale, zero_point) of an integer input
+    output_name: str
+    output_dtype: np.dtype
+    output_shape: Tuple[int, ...]
     output_quant: Optional[Tuple[float, int]]
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -154,11 +159,19 @@ def _quant(details: dict) -> Optional[Tuple[float, int]]:
     return float(scales[0]), int(zps[0])
 
 
+def _signature(details: dict) -> Tuple[int, ...]:
+    """A TFLite tensor's shape with -1 where it is dynamic (the shape signature, when there is one)."""
+    signature = details.get("shape_signature")
+    signature = details["shape"] if signature is None or len(signature) == 0 else signature
+    return tuple(int(s) for s in signature)
+
+
 def check_tflite_structure(data: bytes) -> None:
     """Bounds-check the parts of a TFLite flatbuffer the interpreter dereferences first (root
     table, subgraphs, operator codes, weight buffers). tflite-runtime 2.14 does not verify the
     flatbuffer and segfaults on a truncated file; this turns that into a BundleError.
-    Raises ValueError with what is out of bounds."""
+    Raises ValueError with what is out of bounds. Cost: a few struct reads per table (tensors,
+    operators, buffers), never per weight byte, so ~1 ms for a model with hundreds of tensors."""
     n = len(data)
 
     def u32(pos: int) -> int:
@@ -180,16 +193,17 @@ def check_tflite_structure(data: bytes) -> None:
         pos, fields = tab
         return pos + fields[i] if i < len(fields) and fields[i] else None
 
-    def vector(tab: Tuple[int, List[int]], i: int, elem: int) -> List[int]:
-        """Element positions of vector field i (empty if absent), after bounds checks."""
+    def vector(tab: Tuple[int, List[int]], i: int, elem: int) -> range:
+        """Element positions of vector field i (empty if absent), after bounds checks. A range,
+        not a list: a weight buffer's vector has one element per byte."""
         at = field(tab, i)
         if at is None:
-            return []
+            return range(0)
         start = at + u32(at)
         count = u32(start)
         if start + 4 + count * elem > n:
             raise ValueError(f"vector at {start} ({count} x {elem} bytes) runs past the end")
-        return [start + 4 + k * elem for k in range(count)]
+        return range(start + 4, start + 4 + count * elem, elem)
 
     def tables(tab: Tuple[int, List[int]], i: int) -> List[Tuple[int, List[int]]]:
         return [table(p + u32(p)) for p in vector(tab, i, 4)]
@@ -212,30 +226,38 @@ def check_tflite_structure(data: bytes) -> None:
                 raise ValueError(f"weight buffer at {offset} (+{size} bytes) is past the end")
 
 
+def tflite_interpreter(backend: str, model_bytes: bytes, threads: int, name: str, delegates: bool = True) -> Any:
+    """A TFLite interpreter with its tensors allocated, after the structure check: the one place
+    an interpreter is made (sessions here; export's graph checks too). delegates=False uses the
+    builtin kernels only, so the operator list is the graph's own, not one XNNPACK DELEGATE node."""
+    try:
+        check_tflite_structure(model_bytes)
+    except (ValueError, struct.error) as e:
+        raise BundleError(f"{name} is not a model {backend} can load: truncated or corrupt TFLite file ({e})") from None
+    module = import_backend(backend)
+    kwargs = {} if delegates else {
+        "experimental_op_resolver_type": module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    try:
+        interpreter = module.Interpreter(model_content=model_bytes, num_threads=threads, **kwargs)
+        interpreter.allocate_tensors()
+    except Exception as e:  # ValueError for a bad model; SystemError etc. from a broken install
+        raise BundleError(f"{name} is not a model {backend} can load: {_one_line(e)}") from None
+    return interpreter
+
+
 class TFLiteSession(Session):
-    def __init__(self, backend: str, model_bytes: bytes, threads: int, artifact: Artifact):
-        try:
-            check_tflite_structure(model_bytes)
-        except (ValueError, struct.error) as e:
-            raise BundleError(f"{artifact.path.name} is not a model {backend} can load: truncated or "
-                              f"corrupt TFLite file ({e})") from None
-        module = import_backend(backend)
+    def __init__(self, backend: str, model_bytes: bytes, threads: int, name: str):
+        self._interp = tflite_interpreter(backend, model_bytes, threads, name)
         self.backend = backend
         self.backend_version = str(getattr(importlib.import_module(_MODULE[backend]), "__version__", "?"))
-        try:
-            self._interp = module.Interpreter(model_content=model_bytes, num_threads=threads)
-            self._interp.allocate_tensors()
-        except Exception as e:  # ValueError for a bad model; SystemError etc. from a broken install
-            raise BundleError(f"{artifact.path.name} is not a model {backend} can load: {_one_line(e)}") from None
         inputs, outputs = self._interp.get_input_details(), self._interp.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
-            raise BundleError(f"{artifact.path.name} has {len(inputs)} inputs / {len(outputs)} outputs; "
+            raise BundleError(f"{name} has {len(inputs)} inputs / {len(outputs)} outputs; "
                               "expected one image input and one logits output")
         self._in, self._out = inputs[0], outputs[0]
-        self.input_dtype = np.dtype(self._in["dtype"])
-        signature = self._in.get("shape_signature")
-        signature = self._in["shape"] if signature is None or len(signature) == 0 else signature
-        self.input_shape = tuple(int(s) for s in signature)
+        self.input_name, self.output_name = str(self._in["name"]), str(self._out["name"])
+        self.input_dtype, self.output_dtype = np.dtype(self._in["dtype"]), np.dtype(self._out["dtype"])
+        self.input_shape, self.output_shape = _signature(self._in), _signature(self._out)
         self.fixed_batch = None if self.input_shape[0] == -1 else self.input_shape[0]
         self._batch = int(self._in["shape"][0])  # the batch the tensors are allocated for now
         self.input_quant, self.output_quant = _quant(self._in), _quant(self._out)
@@ -261,7 +283,7 @@ _ORT_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(int8)": np.dtype(n
 
 
 class OnnxSession(Session):
-    def __init__(self, model_bytes: bytes, threads: int, artifact: Artifact):
+    def __init__(self, model_bytes: bytes, threads: int, name: str):
         ort = import_backend("onnxruntime")
         self.backend, self.backend_version = "onnxruntime", str(ort.__version__)
         opts = ort.SessionOptions()
@@ -273,33 +295,40 @@ class OnnxSession(Session):
         try:
             self._sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception classes (Fail, InvalidGraph, ...)
-            raise BundleError(f"{artifact.path.name} is not a model onnxruntime can load: {_one_line(e)}") from None
+            raise BundleError(f"{name} is not a model onnxruntime can load: {_one_line(e)}") from None
         inputs, outputs = self._sess.get_inputs(), self._sess.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
-            raise BundleError(f"{artifact.path.name} has {len(inputs)} inputs / {len(outputs)} outputs; "
+            raise BundleError(f"{name} has {len(inputs)} inputs / {len(outputs)} outputs; "
                               "expected one image input and one logits output")
-        self._in_name, self._out_name = inputs[0].name, outputs[0].name
-        if inputs[0].type not in _ORT_DTYPES:
-            raise BundleError(f"{artifact.path.name}: input type {inputs[0].type} is not supported")
-        self.input_dtype = _ORT_DTYPES[inputs[0].type]
-        self.input_shape = tuple(s if isinstance(s, int) and s > 0 else -1 for s in inputs[0].shape)
+        for what, node in (("input", inputs[0]), ("output", outputs[0])):
+            if node.type not in _ORT_DTYPES:
+                raise BundleError(f"{name}: {what} type {node.type} is not supported")
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        self.input_dtype, self.output_dtype = _ORT_DTYPES[inputs[0].type], _ORT_DTYPES[outputs[0].type]
+        self.input_shape, self.output_shape = _ort_shape(inputs[0]), _ort_shape(outputs[0])
         self.fixed_batch = None if self.input_shape[0] == -1 else self.input_shape[0]
         self.input_quant = self.output_quant = None  # ONNX QDQ models take and return float32
 
     def run(self, x: np.ndarray) -> np.ndarray:
         try:
-            return self._sess.run([self._out_name], {self._in_name: x})[0]
+            return self._sess.run([self.output_name], {self.input_name: x})[0]
         except Exception as e:  # onnxruntime's own exception types
             raise InputError(f"onnxruntime could not run the input {x.dtype}{list(x.shape)}: {_one_line(e)}") from None
 
 
-def open_session(backend: str, model_bytes: bytes, threads: Optional[int], artifact: Artifact) -> Session:
+def _ort_shape(node: Any) -> Tuple[int, ...]:
+    """An ONNX Runtime input/output shape with -1 for symbolic ('batch') or unknown dimensions."""
+    return tuple(s if isinstance(s, int) and s > 0 else -1 for s in node.shape)
+
+
+def open_session(backend: str, model_bytes: bytes, threads: Optional[int], name: str) -> Session:
+    """An interpreter for `model_bytes` (the file called `name`, for messages)."""
     n = default_threads() if threads is None else threads
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InputError(f"threads must be a positive integer, got {threads!r}")
     if _KIND[backend] == "tflite":
-        return TFLiteSession(backend, model_bytes, n, artifact)
-    return OnnxSession(model_bytes, n, artifact)
+        return TFLiteSession(backend, model_bytes, n, name)
+    return OnnxSession(model_bytes, n, name)
 
 
 def default_threads() -> int:

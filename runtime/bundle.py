@@ -40,6 +40,18 @@ class TensorSpec:
     def quantized(self) -> bool:
         return self.dtype in ("int8", "uint8")
 
+    def as_manifest(self) -> Dict[str, Any]:
+        """The manifest entry read_bundle parses back into this spec (export writes it)."""
+        d: Dict[str, Any] = {"name": self.name, "shape": list(self.shape)}
+        if self.layout is not None:
+            d["layout"] = self.layout
+        d["dtype"] = self.dtype
+        if self.kind is not None:
+            d["kind"] = self.kind
+        if self.scale is not None:
+            d["quantization"] = {"scale": self.scale, "zero_point": self.zero_point}
+        return d
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -62,6 +74,17 @@ class Preprocess:
     height: int
     width: int
     color: str = "RGB"
+
+    def normalize(self, images: np.ndarray, layout: str = "NHWC") -> np.ndarray:
+        """uint8 (N, H, W, 3) RGB -> float32 (pixel * scale - mean) / std, NHWC or NCHW. The one
+        implementation: the runtime feeds models with it and export feeds torch and calibration."""
+        x = (images.astype(np.float32) * np.float32(self.scale) - np.asarray(self.mean, np.float32)) \
+            / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2) if layout == "NCHW" else x)
+
+    def as_manifest(self) -> Dict[str, Any]:
+        return {"scale": self.scale, "mean": list(self.mean), "std": list(self.std), "color": self.color,
+                "height": self.height, "width": self.width}
 
 
 @dataclass(frozen=True)

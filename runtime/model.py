@@ -12,6 +12,8 @@ scale/zero_point (round half to even, clipped); int8 outputs are dequantised, th
 """
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -21,11 +23,12 @@ from .backends import (
     Session,
     backends_for,
     choose_backend,
+    format_kind,
     install_hint,
     is_installed,
     open_session,
 )
-from .bundle import FORMATS, Artifact, Bundle, read_bundle, read_checked
+from .bundle import FORMATS, Artifact, Bundle, TensorSpec, read_bundle, read_checked
 from .errors import BundleError, InputError
 from .images import to_batch
 
@@ -54,10 +57,7 @@ class Model:
     def __init__(self, bundle: Bundle, artifact: Artifact, session: Session, resize: bool):
         self.bundle, self.artifact, self._session = bundle, artifact, session
         self.resize = resize
-        pre = bundle.preprocess
-        self._scale = np.float32(pre.scale)
-        self._mean = np.asarray(pre.mean, np.float32)
-        self._std = np.asarray(pre.std, np.float32)
+        self.load_seconds: Dict[str, float] = {}  # set by load(): where the cold start went
         self._check_session()
 
     # ---- what it is
@@ -122,13 +122,11 @@ class Model:
 
     def preprocess(self, images: Any) -> np.ndarray:
         """uint8 RGB images (HWC, NHWC, paths) -> this artifact's input tensor (a batch)."""
-        x = (self.images(images).astype(np.float32) * self._scale - self._mean) / self._std
-        if self.artifact.input.layout == "NCHW":
-            x = x.transpose(0, 3, 1, 2)
+        x = self.bundle.preprocess.normalize(self.images(images), self.artifact.input.layout)
         q = self._session.input_quant
         if q is not None:
             return quantize(x, q[0], q[1], self._session.input_dtype)
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return x
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """ONE interpreter invoke on an already-preprocessed input; the raw output (int8 for
@@ -226,12 +224,35 @@ def load(path: Any, format: str = "auto", threads: Optional[int] = None, backend
     """
     if backend not in (None, "auto") and backend not in BACKENDS:
         raise BundleError(f"unknown backend {backend!r}; backends are {', '.join(BACKENDS)}")
+    started = time.perf_counter()
     bundle = read_bundle(path)
     if format in (None, "auto"):
         format = pick_format(bundle, backend)
     artifact = bundle.artifact(format)
-    chosen = choose_backend(format, backend)
     data = read_checked(artifact.path, artifact.sha256, artifact.size)
-    session = open_session(chosen, data, threads, artifact)
-    return Model(bundle, artifact, session, resize=bool(resize))
+    checked = time.perf_counter()
+    chosen = choose_backend(format, backend)  # imports the interpreter's module
+    imported = time.perf_counter()
+    model = Model(bundle, artifact, open_session(chosen, data, threads, artifact.path.name), resize=bool(resize))
+    model.load_seconds = {"bundle": checked - started, "backend_import": imported - checked,
+                          "interpreter": time.perf_counter() - imported}
+    return model
 
+
+def file_specs(path: Any, format: str, backend: Optional[str] = None) -> Tuple[TensorSpec, TensorSpec]:
+    """The input and output of a model file, as the interpreter that runs it reports them, in the
+    manifest's terms (export writes a bundle's artifact entries from this)."""
+    path = Path(path)
+    layout = "NCHW" if format_kind(format) == "onnx" else "NHWC"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read {path}: {e.strerror or e}") from None
+    s = open_session(choose_backend(format, backend), data, 1, path.name)
+    in_scale, in_zp = s.input_quant or (None, None)
+    out_scale, out_zp = s.output_quant or (None, None)
+    inp = TensorSpec(name=s.input_name, shape=s.input_shape, dtype=s.input_dtype.name, layout=layout,
+                     scale=in_scale, zero_point=in_zp)
+    out = TensorSpec(name=s.output_name, shape=s.output_shape, dtype=s.output_dtype.name, kind="logits",
+                     scale=out_scale, zero_point=out_zp)
+    return inp, out

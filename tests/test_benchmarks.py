@@ -335,3 +335,28 @@ def test_export_times_bad_input_is_one_line_exit_2(args, message, trained_run, t
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_device_venv_installs_only_the_runtime_and_times_every_stage(bundle_dir, tmp_path):
+    """`pip install "./runtime[litert]"` into a fresh venv, for real: what it holds, and one cold
+    start per format, each stage timed. No timing is asserted."""
+    proc = run_script("device_venv.py", str(bundle_dir), "--out", str(tmp_path), "--repeats", "1", timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (report,) = tmp_path.glob("*-litert-py*.json")
+    r = json.loads(report.read_text())
+    assert r["install"] == "pip install './runtime[litert]'" and r["verify_ok"]
+    assert r["importable"] == {"torch": False, "compress": False, "export": False, "device_bench": False}
+    names = {p["name"]: p for p in r["packages"]}
+    assert {"edgeslim-runtime", "numpy", "ai-edge-litert"} <= set(names) and "edgeslim" not in names
+    assert "edgeslim-runtime" in names["numpy"]["required_by"]
+    assert r["site_packages_bytes"] == sum(p["bytes"] for p in r["packages"]) > 0
+    for fmt in ("tflite", "tflite-int8"):
+        c = r["cold_start"][fmt]
+        assert c["backend"] == "ai-edge-litert" and c["finite"]
+        assert "/venv/lib/" in c["runtime_file"]  # the installed package, not a source folder on the path
+        m = c["median"]
+        assert all(m[s] > 0 for s in ("import", "verify", "interpreter", "first_inference"))
+        assert m["total"] == pytest.approx(m["import"] + m["verify"] + m["interpreter"] + m["first_inference"])
+    assert "./runtime[onnx]" in r["cold_start"]["onnx"]["error"]  # no onnxruntime in a [litert] venv
+    assert (tmp_path / report.name.replace(".json", ".png")).stat().st_size > 0

@@ -100,8 +100,23 @@ def test_predictions_match_the_torch_model(bundle_dir, test_images, torch_logits
         np.testing.assert_allclose(model.logits(x), torch_logits, atol=1e-4 * max(1.0, np.abs(torch_logits).max()))
     else:  # int8 changes logits by design; the decisions must still mostly agree
         assert agree >= 0.9, agree
-    # and the accuracy is the one export measured for this format on the same images
-    assert abs(float((probs.argmax(1) == y).mean()) - model.manifest["artifacts"][fmt]["top1"]) < 0.011
+
+
+@pytest.mark.parametrize("fmt", runtime.FORMATS)
+def test_manifest_top1_is_what_the_runtime_gives(bundle_dir, test_images, fmt):
+    """export measures every format through the runtime, so loading the artifact with the
+    interpreter and threads it recorded and predicting the same test images gives the manifest's
+    top-1 exactly: not within a tolerance, to the image."""
+    x, y = test_images
+    art = json.loads((bundle_dir / "manifest.json").read_text())["artifacts"][fmt]
+    used = art["measured_with"]
+    if used["backend"] not in runnable(fmt):
+        pytest.skip(f"{used['backend']} (which export measured {fmt} with) is not installed here")
+    model = load(bundle_dir, format=fmt, backend=used["backend"], threads=used["threads"])
+    assert model.backend_version == used["backend_version"]
+    assert art["eval_images"] == len(x)
+    correct = int((model.predict(x).argmax(1) == y).sum())
+    assert correct == round(art["top1"] * len(x)) and correct / len(x) == art["top1"]
 
 
 def test_preprocess_is_the_training_normalisation(bundle_dir, test_images):
@@ -152,6 +167,34 @@ def test_run_is_one_raw_invoke(bundle_dir, test_images):
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(InputError, match="NaN"):
         onnx.run(bad)
+
+
+@pytest.mark.parametrize("fmt", runtime.FORMATS)
+def test_file_specs_write_what_read_bundle_reads(bundle_dir, fmt):
+    """export writes each artifact's input/output from file_specs (what the interpreter reports)
+    and the preprocess block from Preprocess.as_manifest; read_bundle parses both back unchanged."""
+    from runtime.bundle import read_bundle
+    from runtime.model import file_specs
+
+    if not runnable(fmt):
+        pytest.skip(f"no backend for {fmt} here")
+    bundle = read_bundle(bundle_dir)
+    art = bundle.artifacts[fmt]
+    inp, out = file_specs(art.path, fmt)
+    assert (inp, out) == (art.input, art.output)
+    assert inp.as_manifest() == art.info["input"] and out.as_manifest() == art.info["output"]
+    assert bundle.preprocess.as_manifest() == bundle.manifest["preprocess"]
+
+
+def test_load_says_where_its_time_went(bundle_dir):
+    import time
+
+    started = time.perf_counter()
+    model = load(bundle_dir, format="tflite", threads=1)
+    wall = time.perf_counter() - started
+    parts = model.load_seconds
+    assert set(parts) == {"bundle", "backend_import", "interpreter"}
+    assert all(v >= 0 for v in parts.values()) and sum(parts.values()) <= wall
 
 
 @pytest.mark.parametrize("fmt", ["tflite", "tflite-int8", "onnx"])
@@ -486,7 +529,7 @@ def test_board_with_only_numpy_and_litert(bundle_dir, tmp_path, python_exe):
     assert proc.returncode == 0 and "grey.png" in proc.stdout, proc.stderr
     proc = subprocess.run([*base, "predict", str(bundle_dir), str(tmp_path / "grey.png"), "--format", "onnx"],
                           cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=120)
-    assert_one_line_error(proc, contains='pip install "edgeslim[device-onnx]"')
+    assert_one_line_error(proc, contains='pip install "./runtime[onnx]"')
     proc = subprocess.run([*base, "verify", str(bundle_dir), "--threads", "1"],
                           cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "skipped" in proc.stdout, proc.stdout + proc.stderr
@@ -497,7 +540,7 @@ def test_no_interpreter_installed_says_what_to_install(bundle_dir, tmp_path, pyt
     proc = subprocess.run([python_exe, "-S", "-m", "runtime", "predict", str(bundle_dir), "x.png"],
                           cwd=tmp_path, env={"PYTHONPATH": str(env), "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=120)
-    assert_one_line_error(proc, contains='pip install "edgeslim[device]"')
+    assert_one_line_error(proc, contains='pip install "./runtime[litert]"')
 
 
 @pytest.mark.skipif("tflite-runtime" not in installed_backends(), reason="tflite_runtime is not importable here")

@@ -1,10 +1,11 @@
 """The runtime on a board that has the older tflite-runtime wheel (numpy<2) and nothing else.
 
 The host venv cannot hold tflite-runtime (it needs numpy 1.x; the host has numpy 2), so this
-builds a second, real venv beside the repo with exactly what `.[device-tflite]` installs on a board
-(`numpy<2`, `tflite-runtime==2.14.0`; no torch, no Pillow), once, and reuses it on later runs.
-The runtime code comes from this checkout through PYTHONPATH, so what is tested is the working
-tree. The host side compares its logits with the torch logits in the bundle and with ai-edge-litert.
+builds a second, real venv beside the repo with the board's install command,
+`pip install "./runtime[tflite-runtime]"` (the edgeslim-runtime distribution: numpy<2,
+tflite-runtime 2.14; no torch, no Pillow), once, and reuses it on later runs. It is installed
+editable, so what is tested is the working tree, and nothing but `runtime` is importable there.
+The host side compares its logits with the torch logits in the bundle and with ai-edge-litert.
 """
 from __future__ import annotations
 
@@ -18,15 +19,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv-device-tflite"
-# What pyproject.toml's `device-tflite` extra pins (read from it, so the two cannot drift).
-PYPROJECT = REPO / "pyproject.toml"
-
-
-def _device_tflite_requirements() -> list[str]:
-    import tomllib
-
-    extras = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]
-    return list(extras["device-tflite"])
+# Holds: the interpreter and numpy 1.x, and `runtime` from this checkout (an older venv is rebuilt).
+PROBE = f"""
+import numpy, runtime, tflite_runtime.interpreter
+assert numpy.__version__ < "2" and runtime.__file__ == {str(REPO / "runtime" / "__init__.py")!r}
+"""
 
 
 def _venv_python() -> Path:
@@ -36,22 +33,22 @@ def _venv_python() -> Path:
 @pytest.fixture(scope="module")
 def tflite_runtime_python() -> str:
     python = _venv_python()
-    probe = [str(python), "-c", "import tflite_runtime.interpreter, numpy; assert numpy.__version__ < '2'"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+    probe = [str(python), "-c", PROBE]
+    if python.exists() and subprocess.run(probe, capture_output=True, cwd="/").returncode == 0:
         return str(python)
     # The base interpreter, not this venv's, so nothing of the host venv leaks in.
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", "--clear", str(VENV)], check=True, capture_output=True, timeout=300)
     proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                           *_device_tflite_requirements()], capture_output=True, text=True, timeout=600)
+                           "-e", f"{REPO / 'runtime'}[tflite-runtime]"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"could not build the tflite-runtime venv:\n{proc.stderr[-2000:]}"
-    assert subprocess.run(probe, capture_output=True).returncode == 0
+    assert subprocess.run(probe, capture_output=True, cwd="/").returncode == 0
     return str(python)
 
 
 def _board(python: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    # -I would drop PYTHONPATH; the venv's python already ignores the host's site-packages.
-    return subprocess.run([python, *args], cwd=cwd, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    # No PYTHONPATH: the board venv's python sees only what was installed into it.
+    return subprocess.run([python, *args], cwd=cwd, env={"PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True, timeout=300)
 
 
@@ -73,6 +70,8 @@ for fmt in ("tflite", "tflite-int8"):
 out["auto"] = load(bundle).format
 out["heavy_modules"] = sorted(m for m in ("torch", "onnx", "onnxruntime", "ai_edge_litert", "PIL",
                                           "compress", "export", "device_bench") if m in sys.modules)
+import importlib.util
+out["other_packages"] = [m for m in ("compress", "export", "device_bench", "torch") if importlib.util.find_spec(m)]
 print(json.dumps(out))
 """
 
@@ -87,7 +86,7 @@ def test_board_with_only_tflite_runtime(tflite_runtime_python, bundle_dir, tmp_p
     assert report["installed"] == ["tflite-runtime"] and report["numpy"].startswith("1.")
     assert report["tflite"]["backend"] == "tflite-runtime" and report["tflite"]["version"] == "2.14.0"
     assert report["auto"] == "tflite-int8"
-    assert report["heavy_modules"] == []
+    assert report["heavy_modules"] == [] and report["other_packages"] == []  # only runtime is on the board
 
     samples = read_samples(read_bundle(bundle_dir))
     fp32 = np.load(tmp_path / "tflite.npy")
@@ -114,4 +113,4 @@ def test_board_cli_with_only_tflite_runtime(tflite_runtime_python, bundle_dir, t
                                           "--format", "onnx"], cwd=tmp_path)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and 'pip install "edgeslim[device-onnx]"' in lines[0], proc.stderr
+    assert len(lines) == 1 and 'pip install "./runtime[onnx]"' in lines[0], proc.stderr
