@@ -146,46 +146,63 @@ def prepare(timer: Timer, mirror: str, venvs: List[str]) -> Dict[str, Any]:
     return {"root": board_root, "python": python, "venvs": paths}
 
 
+class Checks:
+    """Every check's outcome; a failure is recorded and the run goes on, so one run says all."""
+
+    def __init__(self) -> None:
+        self.passed, self.failures = 0, []  # type: int, List[str]
+
+    def record(self, ok: bool, line: str, failure: Optional[str] = None) -> bool:
+        log(f"  {'ok' if ok else 'FAIL'} {line}")
+        if ok:
+            self.passed += 1
+        else:
+            self.failures.append(failure or line)
+        return ok
+
+    def counts(self) -> str:
+        return f"{self.passed} passed, {len(self.failures)} failed"
+
+
 def run_remote_and_compare(board: EmulatedBoard, bundle: Path, venvs: Dict[str, str], remote_dir: str,
-                           out: Path, failures: List[str]) -> Dict[str, Any]:
-    """Check 1 and 2 for every board venv; failures are collected, not raised, so one run says all."""
+                           out: Path, checks: Checks) -> Dict[str, Any]:
+    """Checks 1 and 2 with every board venv that has an interpreter for one of the bundle's formats."""
+    formats = list(json.loads((bundle / "manifest.json").read_text())["artifacts"])
     reports, outputs = {}, []
     for name, venv in venvs.items():
-        log(f"remote: {bundle.name} with {venv}/bin/python")
+        backends = check.board_backends(board, venv)
+        if not check.runnable_formats(formats, backends):
+            log(f"remote: {venv} skipped: its interpreters ({', '.join(backends) or 'none'}) run none of "
+                f"{', '.join(formats)}")
+            continue
+        log(f"remote: {bundle.name} with {venv}/bin/python ({', '.join(backends)})")
         try:
             report = check.remote(board, bundle, venv, out / f"{name}.json", remote_dir, RUN_ARGS)
         except check.CheckFailed as e:
-            failures.append(str(e))
-            log(f"  FAIL {e}")
+            checks.record(False, str(e))
             continue
+        d = report["device"]
         measured = [r["format"] for r in report["results"]]
-        reports[name] = {"report": str(out / f"{name}.json"), "formats": measured,
-                         "backends": report["device"]["backends"], "machine": report["device"]["machine"],
-                         "os": report["device"]["os"], "python": report["device"]["python"],
-                         "emulation": report["device"]["emulation"]}
-        log(f"  ok: {', '.join(measured)} on {report['device']['machine']}, {report['device']['os']}, "
-            f"Python {report['device']['python']}, {report['device']['emulation']}")
+        reports[name] = {"report": str(out / f"{name}.json"), "formats": measured, "backends": d["backends"],
+                         "machine": d["machine"], "os": d["os"], "python": d["python"], "emulation": d["emulation"]}
+        checks.record(True, f"{', '.join(measured)} measured on {d['machine']}, {d['os']}, Python {d['python']}, "
+                      f"marked emulated ({d['emulation']})")
         for fmt in measured:
             try:
-                result = check.compare_outputs(check.board_logits(board, venv, remote_dir, fmt),
-                                               check.host_logits(bundle, fmt), fmt)
+                r = check.compare_outputs(check.board_logits(board, venv, remote_dir, fmt),
+                                          check.host_logits(bundle, fmt), fmt)
             except check.CheckFailed as e:
-                failures.append(str(e))
-                log(f"  FAIL {e}")
+                checks.record(False, str(e))
                 continue
-            result["venv"] = name
-            outputs.append(result)
-            verdict = "ok" if result["ok"] else "FAIL"
-            log(f"  {verdict} {fmt} outputs ({result['board_backend']} on aarch64 vs {result['host_backend']} on "
-                f"x86_64, {result['images']} images): max |diff| {result['max_abs_diff']:.2g}, argmax agreement "
-                f"{100 * result['argmax_agreement']:.1f} % ({result['check']})")
-            if not result["ok"]:
-                failures.append(f"{name} {fmt}: outputs differ from the host's ({result['check']} not met)")
+            outputs.append({"venv": name, **r})
+            checks.record(r["ok"], f"{fmt} outputs, {r['board_backend']} on aarch64 vs {r['host_backend']} on "
+                          f"x86_64, {r['images']} images: max |diff| {r['max_abs_diff']:.2g}, same argmax "
+                          f"{100 * r['argmax_agreement']:.1f} % ({r['check']})",
+                          f"{name} {fmt}: outputs differ from the host's ({r['check']} not met)")
     covered = sorted({f for r in reports.values() for f in r["formats"]})
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    missing = sorted(set(manifest["artifacts"]) - set(covered))
-    if missing and reports:
-        failures.append(f"formats no board venv measured: {', '.join(missing)}")
+    missing = sorted(set(formats) - set(covered))
+    checks.record(not missing, f"every format of the bundle measured on the board: {', '.join(covered) or 'none'}",
+                  f"formats no board venv measured: {', '.join(missing)}")
     return {"reports": reports, "outputs": outputs, "formats_covered": covered}
 
 
@@ -204,9 +221,9 @@ def summary_report(out: Path, reports: Dict[str, Any]) -> Optional[str]:
 
 
 def cmd_test(args: argparse.Namespace, timer: Timer) -> int:
-    failures: List[str] = []
+    checks = Checks()
     summary: Dict[str, Any] = {"command": "python -m board test", "commit": git_commit(),
-                               "date": time.strftime("%Y-%m-%d"), "host_cpu": cpu_model(), "failures": failures}
+                               "date": time.strftime("%Y-%m-%d"), "host_cpu": cpu_model()}
     out = Path(args.out)
     mirror = prepare_host(timer)
     with tempfile.TemporaryDirectory(prefix="edgeslim-board.") as tmp, cache_lock(), host.aarch64_binfmt():
@@ -218,24 +235,30 @@ def cmd_test(args: argparse.Namespace, timer: Timer) -> int:
         with timer.phase("bundle"):
             bundle = Path(args.bundle) if args.bundle else make_test_bundle(work, args.data_dir)
             log(f"bundle: {bundle}")
-        host.remove_tree(board_root / root.HOME.lstrip("/") / check.TEST_DIR)
-        host.remove_tree(board_root / root.HOME.lstrip("/") / f"{check.TEST_DIR}-bare")
+        for folder in (check.TEST_DIR, f"{check.TEST_DIR}-bare"):  # what an earlier run deployed
+            host.remove_tree(board_root / root.HOME.lstrip("/") / folder)
         with timer.phase("board checks"), EmulatedBoard(board_root, work) as board:
             log(f"board: sshd on {board.host} (aarch64 under qemu-user), Python {env['python']}")
-            summary.update(run_remote_and_compare(board, bundle, env["venvs"], check.TEST_DIR, out, failures))
-            summary["summary"] = summary_report(out, summary["reports"])
-            log("bad input on the board vs x86_64 (same device install):")
+            summary.update(run_remote_and_compare(board, bundle, env["venvs"], check.TEST_DIR, out, checks))
+            try:
+                summary["summary"] = summary_report(out, summary["reports"])
+                checks.record(True, f"device_bench report labels the board (emulated): {summary['summary']}")
+            except check.CheckFailed as e:
+                checks.record(False, str(e))
+            log("bad input on the board vs x86_64 (the same device install there):")
             bad = check.bad_input_errors(board, check.bad_bundles(bundle, work / "bad"), x86_venv / "bin" / "python",
                                          env["venvs"]["edgeslim-venv"] + "/bin/python", check.TEST_DIR)
             bad.append(check.missing_numpy_advice(board, bundle, check.TEST_DIR))
             for r in bad:
                 shown = r.get("error") or (r["board"]["stderr"][-1] if r["board"]["stderr"] else "(no stderr)")
-                log(f"  {'ok' if r['ok'] else 'FAIL'} {r['case']}: {shown}")
-                if not r["ok"]:
-                    failures.append(f"bad input '{r['case']}': " + json.dumps({k: r.get(k) for k in
-                                                                            ("board", "x86_64", "exit", "error")}))
+                checks.record(r["ok"], f"{r['case']}: {shown}", f"bad input '{r['case']}': "
+                              + json.dumps({k: r.get(k) for k in ("board", "x86_64", "exit", "error")}))
             summary["bad_input"] = bad
-        check_stopped(board_root)
+        try:
+            check_stopped(board_root)
+            checks.record(True, "nothing left running or mounted in the root")
+        except BoardError as e:
+            checks.record(False, str(e))
         log("sizes (du):")
         sizes = {name: root.venv_sizes(board_root / path.lstrip("/")) for name, path in env["venvs"].items()}
         sizes["x86-device-venv"] = root.venv_sizes(x86_venv)
@@ -245,16 +268,14 @@ def cmd_test(args: argparse.Namespace, timer: Timer) -> int:
         summary["device_install"] = {name: " ".join(root.device_install(extra))
                                      for name, extra in root.BOARD_VENVS.items()}
     summary["seconds"] = {**timer.phases, "total": timer.total()}
+    summary["checks"] = {"passed": checks.passed, "failed": checks.failures}
     write_json(out / "board-test.json", summary)
     log(f"times: {', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}")
     log(f"summary: {out / 'board-test.json'}")
-    if failures:
-        log(f"test-board: FAILED ({len(failures)}):")
-        for f in failures:
-            log(f"  - {f}")
-        return 1
-    log("test-board: passed")
-    return 0
+    for f in checks.failures:
+        log(f"FAILED: {f}")
+    log(f"test-board: {checks.counts()}")
+    return 1 if checks.failures else 0
 
 
 def cmd_try(args: argparse.Namespace, timer: Timer) -> int:
@@ -262,25 +283,23 @@ def cmd_try(args: argparse.Namespace, timer: Timer) -> int:
     if not (bundle / "manifest.json").is_file():
         raise BoardError(f"{bundle} is not a bundle folder (dist/NAME with manifest.json)")
     out = Path(args.out or f"reports/{bundle.name}-emulated")
-    failures: List[str] = []
+    checks = Checks()
     mirror = prepare_host(timer)
     with tempfile.TemporaryDirectory(prefix="edgeslim-board.") as tmp, cache_lock(), host.aarch64_binfmt():
         env = prepare(timer, mirror, list(root.BOARD_VENVS))
         with EmulatedBoard(env["root"], Path(tmp)) as board:
             log(f"board: sshd on {board.host} (aarch64 under qemu-user), Python {env['python']}")
-            result = run_remote_and_compare(board, bundle, env["venvs"], "edgeslim", out, failures)
+            result = run_remote_and_compare(board, bundle, env["venvs"], "edgeslim", out, checks)
             readme = summary_report(out, result["reports"])
         check_stopped(env["root"])
-    write_json(out / "board-try.json", {"bundle": str(bundle), "commit": git_commit(), "failures": failures, **result})
+    write_json(out / "board-try.json", {"bundle": str(bundle), "commit": git_commit(),
+                                        "failed": checks.failures, **result})
     if readme:
         log(f"summary: {readme} (latencies are the emulator's, not a board's)")
-    if failures:
-        log(f"board-try: {len(failures)} problem(s):")
-        for f in failures:
-            log(f"  - {f}")
-        return 1
-    log(f"board-try: {bundle.name} runs on aarch64 Debian 12 with the same outputs as on this host")
-    return 0
+    for f in checks.failures:
+        log(f"FAILED: {f}")
+    log(f"board-try: {bundle.name} on emulated aarch64 Debian 12: {checks.counts()}")
+    return 1 if checks.failures else 0
 
 
 def parser() -> argparse.ArgumentParser:

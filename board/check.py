@@ -23,10 +23,13 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from device_bench import _board
+
 from .emulated import EmulatedBoard
 from .errors import BoardError
 from .root import HOME, REPO
 
+EMULATED_WARNING = "warning: this machine is emulated"  # device_bench run, under qemu
 FP32_ATOL = 1e-4  # max |logit(board) - logit(host)| for float models
 TEST_DIR = "edgeslim-test"  # deploy folder in pi's home for the checks (emptied at the start)
 
@@ -76,6 +79,21 @@ def remote(board: EmulatedBoard, bundle: Path, venv: str, out: Path, remote_dir:
     if problems:
         raise CheckFailed(f"{venv}: " + "; ".join(problems))
     return report
+
+
+def board_backends(board: EmulatedBoard, venv: str) -> List[str]:
+    """The interpreters importable in a board venv (found without importing them)."""
+    probe = ("import importlib.util, json, sys; print(json.dumps([d for d, m in json.loads(sys.argv[1]).items() "
+             "if importlib.util.find_spec(m)]))")
+    res = board.run([f"{venv}/bin/python", "-c", probe, json.dumps(_board.BACKEND_MODULES)])
+    if res.returncode != 0:
+        raise CheckFailed(f"{venv}/bin/python does not run on the board: {(error_lines(res.stderr) or ['?'])[-1]}")
+    return json.loads(res.stdout)
+
+
+def runnable_formats(formats: List[str], backends: List[str]) -> List[str]:
+    families = {_board.BACKEND_FAMILY[b] for b in backends}
+    return [f for f in formats if ("tflite" if f.startswith("tflite") else "onnx") in families]
 
 
 # --------------------------------------------------------------------------- 2. outputs
@@ -132,13 +150,16 @@ def compare_outputs(board_out: Dict[str, Any], host_out: Dict[str, Any], fmt: st
 
 
 def bad_bundles(bundle: Path, dest: Path) -> Path:
-    """dest/{good, wrong-hash, corrupt}/ and dest/image.npy: the same files go to the board."""
+    """dest/{good, wrong-hash, corrupt, broken-manifest}/ and dest/image.npy: the same files go to the board."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
     model = manifest["artifacts"]["tflite"]["file"]
-    for name in ("good", "wrong-hash", "corrupt"):
+    for name in ("good", "wrong-hash", "corrupt", "broken-manifest"):
         shutil.copytree(bundle, dest / name)
+    # broken manifest: cut off mid-file, as an interrupted copy leaves it
+    text = (bundle / "manifest.json").read_text()
+    (dest / "broken-manifest" / "manifest.json").write_text(text[: len(text) // 2])
     # wrong hash: one byte of the model changed, the manifest left as it was
     data = bytearray((bundle / model).read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -161,6 +182,7 @@ def bad_bundles(bundle: Path, dest: Path) -> Path:
 BAD_INPUTS = [
     ("wrong hash", ["runtime", "predict", "wrong-hash", "image.npy", "--format", "tflite"]),
     ("corrupt model", ["runtime", "predict", "corrupt", "image.npy", "--format", "tflite"]),
+    ("broken manifest", ["runtime", "predict", "broken-manifest", "image.npy", "--format", "tflite"]),
     ("no interpreter", ["runtime", "predict", "good", "image.npy", "--format", "onnx"]),
     ("wrong hash (bench)", ["device_bench", "run", "wrong-hash", "--formats", "tflite", "--threads", "1",
                             "--runs", "1", "--warmup", "0", "--out", "r.json"]),
@@ -194,10 +216,14 @@ def bad_input_errors(board: EmulatedBoard, local: Path, x86_python: Path, board_
         x86 = subprocess.run([str(x86_python), "-m", *args], cwd=local, capture_output=True, text=True,
                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "LANG": "C.UTF-8"}, timeout=600)
         res = board.run(["env", "-C", remote, f"PYTHONPATH={code}", board_python, "-m", *args])
-        on_board = (res.returncode, error_lines(res.stderr))
+        # device_bench run says, on the board only, that it is emulated; everything else must be equal
+        board_lines = error_lines(res.stderr)
+        warned = [ln for ln in board_lines if ln.startswith(EMULATED_WARNING)]
+        on_board = (res.returncode, [ln for ln in board_lines if ln not in warned])
         on_x86 = (x86.returncode, error_lines(x86.stderr))
         one_line = [ln for ln in on_board[1] if "error" in ln.lower()]
-        ok = on_board == on_x86 and on_board[0] != 0 and len(one_line) == 1
+        ok = on_board == on_x86 and on_board[0] != 0 and len(one_line) == 1 \
+            and bool(warned) == (args[0] == "device_bench")
         results.append({"case": what, "command": "python -m " + " ".join(args), "ok": ok,
                         "board": {"exit": on_board[0], "stderr": on_board[1]},
                         "x86_64": {"exit": on_x86[0], "stderr": on_x86[1]}})

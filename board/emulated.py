@@ -53,6 +53,13 @@ def processes_in(root: Path) -> List[int]:
     return found
 
 
+def children(pid: int) -> List[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 class EmulatedBoard:
     def __init__(self, root: Path, workdir: Path):
         self.root, self.workdir = root.resolve(), workdir
@@ -165,9 +172,15 @@ class EmulatedBoard:
 
     def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # unshare dies; --kill-child ends its namespace
+            # unshare passes no SIGTERM on to its child: stop sshd (its child, by pid) and unshare
+            # follows; failing that, SIGKILL unshare, and --kill-child ends the namespace.
+            for pid in children(self.proc.pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

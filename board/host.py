@@ -110,6 +110,9 @@ def aarch64_binfmt() -> Iterator[None]:
         entry = BINFMT_DIR / QEMU_FORMAT
         if not entry.exists() or not entry.read_text().startswith("enabled"):
             proc = subprocess.run(["update-binfmts", "--enable", QEMU_FORMAT], capture_output=True, text=True)
+            if proc.returncode != 0:  # qemu-user-static was configured before binfmt-support: import it
+                subprocess.run(["update-binfmts", "--import", QEMU_FORMAT], capture_output=True)
+                proc = subprocess.run(["update-binfmts", "--enable", QEMU_FORMAT], capture_output=True, text=True)
             if proc.returncode != 0 or not entry.exists():
                 raise Unavailable(f"cannot register {QEMU_FORMAT} with binfmt_misc: "
                                   f"{proc.stderr.strip() or 'update-binfmts failed'}")
@@ -132,7 +135,8 @@ def mounts_under(path: Path) -> List[Path]:
     root = str(path.resolve())
     found = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])  # " " is \\040
+        # mountinfo writes a space in a path as \\040
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
         if point == root or point.startswith(root + "/"):
             found.append(Path(point))
     return sorted(set(found), key=lambda p: len(p.parts), reverse=True)

@@ -65,9 +65,21 @@ def recipe() -> str:
     return f"debootstrap --arch={ARCH} --variant=minbase --include={','.join(PACKAGES)} {SUITE}; user {USER}:{UID}\n"
 
 
+def host_ca_bundle() -> Optional[Path]:
+    """The CA bundle the host's pip is told to trust, if any: where the network reaches the package
+    index through a TLS proxy, the board has to trust the same certificates to install anything."""
+    for name in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        if os.environ.get(name) and Path(os.environ[name]).is_file():
+            return Path(os.environ[name])
+    return None
+
+
+BOARD_CA = "/etc/ssl/certs/edgeslim-host-ca.crt"  # the host's bundle, copied in for pip
+
+
 def env_for(home: str) -> Dict[str, str]:
     env = {"PATH": PATH, "HOME": home, "LANG": "C.UTF-8", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-           "PIP_NO_INPUT": "1", "PIP_PROGRESS_BAR": "off"}
+           "PIP_NO_INPUT": "1", "PIP_PROGRESS_BAR": "off", "PYTHONUNBUFFERED": "1"}
     return {**env, **{k: os.environ[k] for k in PASS_ENV if k in os.environ}}
 
 
@@ -126,17 +138,21 @@ def build_root(mirror: str, log: Log) -> Path:
     # ends, even if it is killed.
     run_logged(["unshare", "--mount", "--", *debootstrap], "debootstrap", CACHE / "debootstrap.log",
                echo=_stage_line)
-    # A login for `pi` as on a Pi. useradd leaves the password field "!", which sshd (without PAM) takes
-    # as a locked account and refuses even key logins; "*" means no password, not locked.
-    for argv in (["useradd", "--create-home", "--shell", "/bin/bash", "--uid", str(UID), USER],
-                 ["usermod", "--password", "*", USER]):
-        run_logged(in_root(partial, argv), " ".join(argv[:1]), CACHE / "debootstrap.log")
-    (partial / "etc" / "hostname").write_text("raspberrypi\n")
-    write_atomic(partial / ".edgeslim-root", recipe())
+    configure_root(partial)
     remove_tree(root)
     partial.rename(root)
     log(f"root: built in {time.time() - start:.0f} s")
     return root
+
+
+def configure_root(new_root: Path) -> None:
+    """What a Pi image has beyond debootstrap that we use: the user `pi`. Stamped last."""
+    # useradd leaves the password field "!", which sshd (without PAM) takes as a locked account and
+    # refuses even key logins; "*" means no password, not locked.
+    for argv in (["useradd", "--create-home", "--shell", "/bin/bash", "--uid", str(UID), USER],
+                 ["usermod", "--password", "*", USER]):
+        run_logged(in_root(new_root, argv), argv[0], CACHE / "debootstrap.log")
+    write_atomic(new_root / ".edgeslim-root", recipe())
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -209,6 +225,10 @@ def build_board_venvs(root: Path, log: Log, names: Iterable[str] = tuple(BOARD_V
         start = time.time()
         shutil.rmtree(venv, ignore_errors=True)  # a venv's scripts name its path: made in place, stamped last
         env = env_for(HOME)
+        ca = host_ca_bundle()
+        if ca:
+            shutil.copyfile(ca, root / BOARD_CA.lstrip("/"))
+            env["PIP_CERT"] = BOARD_CA
         logf = CACHE / f"{name}.log"
         logf.unlink(missing_ok=True)
         run_logged(in_root(root, ["python3", "-m", "venv", f"{HOME}/{name}"], as_user=True), "python3 -m venv",
