@@ -135,7 +135,7 @@ def mounts_under(path: Path) -> List[Path]:
     root = str(path.resolve())
     found = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        # mountinfo writes a space in a path as \\040
+        # mountinfo writes a space in a path as \040
         point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
         if point == root or point.startswith(root + "/"):
             found.append(Path(point))
