@@ -167,7 +167,8 @@ class Checks:
 def run_remote_and_compare(board: EmulatedBoard, bundle: Path, venvs: Dict[str, str], remote_dir: str,
                            out: Path, checks: Checks) -> Dict[str, Any]:
     """Checks 1 and 2 with every board venv that has an interpreter for one of the bundle's formats."""
-    formats = list(json.loads((bundle / "manifest.json").read_text())["artifacts"])
+    artifacts = json.loads((bundle / "manifest.json").read_text())["artifacts"]
+    formats = list(artifacts)
     reports, outputs = {}, []
     for name, venv in venvs.items():
         backends = check.board_backends(board, venv)
@@ -189,14 +190,16 @@ def run_remote_and_compare(board: EmulatedBoard, bundle: Path, venvs: Dict[str, 
                       f"marked emulated ({d['emulation']})")
         for fmt in measured:
             try:
+                scale = ((artifacts[fmt].get("output") or {}).get("quantization") or {}).get("scale")
                 r = check.compare_outputs(check.board_logits(board, venv, remote_dir, fmt),
-                                          check.host_logits(bundle, fmt), fmt)
+                                          check.host_logits(bundle, fmt), fmt, scale)
             except check.CheckFailed as e:
                 checks.record(False, str(e))
                 continue
             outputs.append({"venv": name, **r})
+            steps = f" = {r['max_abs_diff_quant_steps']:g} quantisation steps" if "max_abs_diff_quant_steps" in r else ""
             checks.record(r["ok"], f"{fmt} outputs, {r['board_backend']} on aarch64 vs {r['host_backend']} on "
-                          f"x86_64, {r['images']} images: max |diff| {r['max_abs_diff']:.2g}, same argmax "
+                          f"x86_64, {r['images']} images: max |diff| {r['max_abs_diff']:.2g}{steps}, same argmax "
                           f"{100 * r['argmax_agreement']:.1f} % ({r['check']})",
                           f"{name} {fmt}: outputs differ from the host's ({r['check']} not met)")
     covered = sorted({f for r in reports.values() for f in r["formats"]})

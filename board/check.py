@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -126,9 +126,10 @@ def host_logits(bundle: Path, fmt: str) -> Dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compare_outputs(board_out: Dict[str, Any], host_out: Dict[str, Any], fmt: str) -> Dict[str, Any]:
+def compare_outputs(board_out: Dict[str, Any], host_out: Dict[str, Any], fmt: str,
+                    output_scale: Optional[float] = None) -> Dict[str, Any]:
     """fp32: max |difference| <= FP32_ATOL. int8: identical argmax on every image (the dequantised
-    logits may differ by a quantisation step where the kernels round differently)."""
+    logits may differ by a quantisation step, `output_scale`, where the kernels round differently)."""
     b, h = np.asarray(board_out["logits"], np.float32), np.asarray(host_out["logits"], np.float32)
     if b.shape != h.shape:
         raise CheckFailed(f"{fmt}: board logits {b.shape} vs host {h.shape}")
@@ -137,6 +138,8 @@ def compare_outputs(board_out: Dict[str, Any], host_out: Dict[str, Any], fmt: st
     result = {"format": fmt, "images": len(b), "board_backend": f"{board_out['backend']} {board_out['version']}",
               "host_backend": f"{host_out['backend']} {host_out['version']}", "max_abs_diff": diff,
               "argmax_agreement": same_argmax}
+    if output_scale:
+        result["max_abs_diff_quant_steps"] = round(diff / output_scale, 3)
     if fmt.endswith("int8"):
         result["check"] = "identical argmax"
         result["ok"] = same_argmax == 1.0

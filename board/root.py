@@ -130,7 +130,7 @@ def build_root(mirror: str, log: Log) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = root.with_name(root.name + ".partial")
     remove_tree(partial)
-    log(f"root: building {root} with debootstrap (arm64 under qemu: ~15-30 min)")
+    log(f"root: building {root} with debootstrap (arm64 under qemu: ~10-20 min)")
     start = time.time()
     debootstrap = ["debootstrap", f"--arch={ARCH}", "--variant=minbase", f"--include={','.join(PACKAGES)}",
                    SUITE, str(partial), mirror]
