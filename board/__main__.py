@@ -345,8 +345,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"board: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("board: interrupted", file=sys.stderr)
+        print("board: interrupted; what it started is stopped and unmounted", file=sys.stderr)
         return 130
+    except SystemExit:
+        print("board: terminated; what it started is stopped and unmounted", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import List, Optional
 from device_bench import ssh
 
 from .errors import BoardError
-from .root import UID, USER, env_for, in_root
+from .root import UID, USER, children, env_for, in_root, kill_namespace
 
 RUN_DIR = "/run/edgeslim-board"  # inside the root
 START_TIMEOUT = 120  # s: an emulated sshd takes a while to start and to answer its first key exchange
@@ -51,13 +51,6 @@ def processes_in(root: Path) -> List[int]:
             except OSError:  # gone meanwhile, or a kernel thread
                 pass
     return found
-
-
-def children(pid: int) -> List[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 class EmulatedBoard:
@@ -173,7 +166,7 @@ class EmulatedBoard:
     def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             # unshare passes no SIGTERM on to its child: stop sshd (its child, by pid) and unshare
-            # follows; failing that, SIGKILL unshare, and --kill-child ends the namespace.
+            # follows; failing that, kill the namespace.
             for pid in children(self.proc.pid):
                 try:
                     os.kill(pid, signal.SIGTERM)
@@ -182,8 +175,7 @@ class EmulatedBoard:
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                kill_namespace(self.proc)
         # The kernel ends a pid namespace with its first process; check rather than trust.
         deadline = time.time() + 20
         while processes_in(self.root) and time.time() < deadline:

@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -92,6 +93,26 @@ def in_root(root: Path, argv: List[str], *, as_user: bool = False, cwd: str = "/
     return words + ["--", *argv]
 
 
+def kill_namespace(proc: subprocess.Popen) -> None:
+    """Stop an `in_root` command: SIGKILL its namespace's first process (the kernel then ends every
+    process in the namespace), then unshare. --kill-child alone is not enough: the kernel drops that
+    request when the child changes user (--setuid)."""
+    for pid in children(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
+    proc.wait()
+
+
+def children(pid: int) -> List[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def run_logged(argv: List[str], what: str, log_file: Path, echo: Optional[Callable[[str], bool]] = None,
                env: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None) -> None:
     """Run, writing all output to log_file and printing the lines `echo` picks (progress)."""
@@ -101,12 +122,16 @@ def run_logged(argv: List[str], what: str, log_file: Path, echo: Optional[Callab
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, cwd=cwd, errors="replace")
         last = []
-        for line in proc.stdout:
-            log.write(line)
-            last = (last + [line.rstrip()])[-5:]
-            if echo and echo(line):
-                print(f"    {line.rstrip()}", flush=True)
-        proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                last = (last + [line.rstrip()])[-5:]
+                if echo and echo(line):
+                    print(f"    {line.rstrip()}", flush=True)
+            proc.wait()
+        except BaseException:  # interrupted: stop it and everything it started
+            kill_namespace(proc)
+            raise
     if proc.returncode != 0:
         tail = [ln for ln in last if ln.strip()]
         raise BoardError(f"{what} failed (exit {proc.returncode}): {tail[-1] if tail else 'no output'} "
@@ -174,10 +199,13 @@ def source_files() -> List[Path]:
 
 
 def sources_sha256() -> str:
+    """What the installed package is made of: the code and pyproject.toml (README.md is copied for
+    the package metadata, but its text changes nothing a board runs)."""
     h = hashlib.sha256()
     for path in source_files():
-        h.update(f"{path.relative_to(REPO).as_posix()}\0".encode())
-        h.update(hashlib.sha256(path.read_bytes()).digest())
+        if path.name != "README.md" or path.parent != REPO:
+            h.update(f"{path.relative_to(REPO).as_posix()}\0".encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
 
 
@@ -202,38 +230,55 @@ def _pip_line(line: str) -> bool:
 
 
 def venv_key(extra: str) -> str:
-    return f"{' '.join(device_install(extra))}\nsources {sources_sha256()}\n"
+    """Line 1 decides what the venv holds (the install command, the declared dependencies): when it
+    changes the venv is made anew. Line 2 is our code: when only it changes, the same install
+    command is run again in the venv, as a user upgrades a board (pip reinstalls a local project)."""
+    pyproject = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
+    return f"{' '.join(device_install(extra))} pyproject {pyproject}\nsources {sources_sha256()}\n"
+
+
+def venv_state(stamp: Path, extra: str) -> str:
+    """'current', 'code changed' or 'new' (missing, or another install/dependency set)."""
+    have = stamp.read_text().splitlines() if stamp.is_file() else []
+    want = venv_key(extra).splitlines()
+    if have == want:
+        return "current"
+    return "code changed" if have[:1] == want[:1] else "new"
 
 
 def build_board_venvs(root: Path, log: Log, names: Iterable[str] = tuple(BOARD_VENVS)) -> Dict[str, str]:
-    """Each board venv, (re)made when its install command or the sources changed. {name: board path}."""
+    """Each board venv, made or updated as venv_key says. {name: its path on the board}."""
     src = root / HOME.lstrip("/") / "edgeslim-src"
     paths = {}
     copied = False
     for name in names:
-        extra = BOARD_VENVS[name]
+        extra, install = BOARD_VENVS[name], device_install(BOARD_VENVS[name])
         venv = root / HOME.lstrip("/") / name
         stamp = venv / ".edgeslim-venv"
         paths[name] = f"{HOME}/{name}"
-        if stamp.is_file() and stamp.read_text() == venv_key(extra):
-            log(f"venv: {HOME}/{name} (cached: {' '.join(device_install(extra))})")
+        state = venv_state(stamp, extra)
+        if state == "current":
+            log(f"venv: {HOME}/{name} (cached: {' '.join(install)})")
             continue
         if not copied:
             copy_sources(src, owner=UID)
             copied = True
-        log(f"venv: {HOME}/{name}: python3 -m venv + {' '.join(device_install(extra))} (aarch64, under qemu)")
         start = time.time()
-        shutil.rmtree(venv, ignore_errors=True)  # a venv's scripts name its path: made in place, stamped last
         env = env_for(HOME)
         ca = host_ca_bundle()
         if ca:
             shutil.copyfile(ca, root / BOARD_CA.lstrip("/"))
             env["PIP_CERT"] = BOARD_CA
         logf = CACHE / f"{name}.log"
-        logf.unlink(missing_ok=True)
-        run_logged(in_root(root, ["python3", "-m", "venv", f"{HOME}/{name}"], as_user=True), "python3 -m venv",
-                   logf, env=env)
-        install = device_install(extra)
+        if state == "new":
+            log(f"venv: {HOME}/{name}: python3 -m venv + {' '.join(install)} (aarch64, under qemu)")
+            shutil.rmtree(venv, ignore_errors=True)  # a venv's scripts name its path: made in place, stamped last
+            logf.unlink(missing_ok=True)
+            run_logged(in_root(root, ["python3", "-m", "venv", f"{HOME}/{name}"], as_user=True), "python3 -m venv",
+                       logf, env=env)
+        else:
+            log(f"venv: {HOME}/{name}: the code changed, {' '.join(install)} again (aarch64, under qemu)")
+            stamp.unlink()
         argv = [f"{HOME}/{name}/bin/{install[0]}", *install[1:]]
         run_logged(in_root(root, argv, as_user=True, cwd=f"{HOME}/edgeslim-src"), " ".join(install), logf,
                    echo=_pip_line, env=env)
@@ -246,7 +291,7 @@ def build_x86_venv(log: Log, extra: str = "device") -> Path:
     """The same device install on this host, with Debian's python3 as on the board."""
     venv = CACHE / "x86-device-venv"
     stamp = venv / ".edgeslim-venv"
-    if stamp.is_file() and stamp.read_text() == venv_key(extra):
+    if venv_state(stamp, extra) == "current":
         log(f"venv: {venv} (cached: {' '.join(device_install(extra))}, x86_64)")
         return venv
     python = Path("/usr/bin/python3")
