@@ -80,7 +80,8 @@ BOARD_CA = "/etc/ssl/certs/edgeslim-host-ca.crt"  # the host's bundle, copied in
 
 def env_for(home: str) -> Dict[str, str]:
     env = {"PATH": PATH, "HOME": home, "LANG": "C.UTF-8", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-           "PIP_NO_INPUT": "1", "PIP_PROGRESS_BAR": "off", "PYTHONUNBUFFERED": "1"}
+           "PIP_NO_INPUT": "1", "PIP_PROGRESS_BAR": "off", "PYTHONUNBUFFERED": "1",
+           "PIP_RETRIES": "10"}
     return {**env, **{k: os.environ[k] for k in PASS_ENV if k in os.environ}}
 
 
@@ -280,8 +281,15 @@ def build_board_venvs(root: Path, log: Log, names: Iterable[str] = tuple(BOARD_V
             log(f"venv: {HOME}/{name}: the code changed, {' '.join(install)} again (aarch64, under qemu)")
             stamp.unlink()
         argv = [f"{HOME}/{name}/bin/{install[0]}", *install[1:]]
-        run_logged(in_root(root, argv, as_user=True, cwd=f"{HOME}/edgeslim-src"), " ".join(install), logf,
-                   echo=_pip_line, env=env)
+        for attempt in (1, 2, 3):  # the package index's connection is sometimes reset mid-install
+            try:
+                run_logged(in_root(root, argv, as_user=True, cwd=f"{HOME}/edgeslim-src"), " ".join(install), logf,
+                           echo=_pip_line, env=env)
+                break
+            except BoardError as e:
+                if attempt == 3:
+                    raise
+                log(f"venv: {e}; trying again")
         write_atomic(stamp, venv_key(extra))
         log(f"venv: {HOME}/{name} ready in {time.time() - start:.0f} s")
     return paths
