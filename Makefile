@@ -19,7 +19,7 @@ HOST ?=
 DATA_DIR ?= $(if $(EDGESLIM_DATA),$(EDGESLIM_DATA),$(if $(wildcard ../shared/data/cifar10.npz),../shared/data,))
 DATA_ARG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
-.PHONY: setup system-deps demo test lint pytest compress export bench deploy report clean
+.PHONY: setup system-deps demo test lint pytest compress export bench deploy report clean test-board board-try
 
 setup: $(STAMP)
 
@@ -41,7 +41,7 @@ system-deps:
 	fi
 
 lint: setup
-	$(BIN)/ruff check compress export runtime device_bench tests benchmarks
+	$(BIN)/ruff check compress export runtime device_bench tests benchmarks board
 
 pytest: setup system-deps
 	$(BIN)/pytest -q
@@ -70,6 +70,17 @@ bench: setup
 deploy: setup
 	@test -n "$(HOST)" || { echo "usage: make deploy HOST=user@board [RUN=runs/NAME]"; exit 2; }
 	$(PYTHON) -m device_bench remote $(DIST) --host $(HOST) --out $(REPORTS)/$(notdir $(DIST))-$(HOST).json
+
+# The device install proven on an emulated Raspberry Pi OS base: Debian bookworm arm64 under
+# qemu-user (root only). The root is built once into ~/.cache/edgeslim/board and reused (board/).
+# BOARD_ARGS=--skip-if-unable: where this machine cannot, say why and exit 0 (CI).
+BOARD_ARGS ?=
+test-board: setup
+	$(PYTHON) -m board test $(DATA_ARG) $(BOARD_ARGS)
+
+# No board yet? Your bundle on the emulated one: deploy, run, outputs compared with this host's.
+board-try: setup
+	$(PYTHON) -m board try $(DIST)
 
 report: setup
 	$(PYTHON) -m device_bench report $(REPORTS)/*.json --out $(REPORTS)/summary

@@ -113,6 +113,29 @@ def pi_throttled() -> Optional[str]:
     return text.split("=", 1)[1] if out.returncode == 0 and "=" in text else None
 
 
+# Architecture families: a 32-bit userspace on a 64-bit kernel of the same family is native.
+_ARCH_FAMILIES = {"x86": ("x86_64", "amd64", "i386", "i486", "i586", "i686"),
+                  "arm": ("aarch64", "arm64", "armv6l", "armv7l", "armv8l", "armv8b", "arm")}
+
+
+def _arch_family(machine: str) -> str:
+    m = machine.lower()
+    return next((family for family, names in _ARCH_FAMILIES.items() if m in names), m)
+
+
+def emulation(machine: str, kernel_arch: Optional[str], cpuinfo: str) -> Optional[str]:
+    """How this Python is emulated, or None when it runs natively. qemu-user (binfmt) runs, say,
+    aarch64 programs on an x86-64 kernel: uname and platform.machine() report the emulated
+    machine, but the kernel's own /proc/sys/kernel/arch and /proc/cpuinfo still describe the host.
+    Latency measured this way says nothing about a real board."""
+    if kernel_arch and _arch_family(kernel_arch) != _arch_family(machine):
+        return f"qemu-user: {machine} programs on an {kernel_arch} kernel"
+    x86_cpuinfo = any(line.startswith(("vendor_id", "flags")) for line in cpuinfo.splitlines())
+    if _arch_family(machine) != "x86" and x86_cpuinfo:  # kernels without /proc/sys/kernel/arch
+        return f"qemu-user: {machine} programs on an x86 CPU (/proc/cpuinfo)"
+    return None
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -122,6 +145,7 @@ def usable_cores() -> int:
 
 def describe() -> Dict[str, Any]:
     """The `device` object of a report (device_bench/README.md)."""
+    emulated = emulation(platform.machine(), _read("/proc/sys/kernel/arch"), _read("/proc/cpuinfo") or "")
     return {
         "hostname": socket.gethostname(),
         "board": board_model(),
@@ -137,4 +161,6 @@ def describe() -> Dict[str, Any]:
         "cpufreq": cpu_frequency(),
         "temperature_c": temperatures(),
         "throttled": pi_throttled(),
+        "emulated": emulated is not None,
+        "emulation": emulated,
     }

@@ -105,10 +105,13 @@ def load_report(path: Path) -> Dict[str, Any]:
 
 
 def board_label(report: Dict[str, Any]) -> str:
+    """How tables and plots name the board; an emulated one says so wherever its numbers appear."""
     remote = report.get("remote")
     if isinstance(remote, dict) and remote.get("host"):
-        return str(remote["host"])
-    return str(report["device"].get("hostname") or "device")
+        label = str(remote["host"])
+    else:
+        label = str(report["device"].get("hostname") or "device")
+    return label + (" (emulated)" if report["device"].get("emulated") else "")
 
 
 def is_dense(source: Dict[str, Any]) -> bool:
@@ -335,6 +338,11 @@ def markdown(reports: List[Tuple[Path, Dict[str, Any]]], rows: List[Row], plots:
              f"{len(reports)} report(s), {len(rows)} measurement(s). Latency is one interpreter invoke on a "
              "preprocessed input (ms); throughput = batch / mean latency; peak RSS is the whole benchmark "
              "process (MiB). Top-1 comes from the bundle manifest (measured at export).", ""]
+    emulated = {board_label(rep): rep["device"].get("emulation") or "emulated" for _, rep in reports
+                if rep["device"].get("emulated")}
+    if emulated:
+        parts += ["**Emulated:** " + "; ".join(f"{b} ran under {how}" for b, how in emulated.items())
+                  + ". Its latencies measure the emulator, not a board: never quote them as board figures.", ""]
     parts += [f"![{p[:-4]}]({p})" for p in plots] + [""]
 
     parts += ["## Measurements", ""]

@@ -139,6 +139,9 @@ def run_bench(bundle: BundleInfo, cfg: RunConfig, out: Path,
                              "pip install ai-edge-litert (or tflite-runtime, or onnxruntime)")
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     info = device.describe()
+    if info["emulated"]:
+        print(f"warning: this machine is emulated ({info['emulation']}); its latencies measure the emulator, "
+              "not a board", file=sys.stderr, flush=True)
     plan = [(f, t) for f in formats for t in cfg.threads]
     progress = progress_factory(len(plan))
     results = []

@@ -110,3 +110,23 @@ def test_report_needs_inputs_and_a_folder(reports, tmp_path):
     proc = bench("report", reports[0], "--out", tmp_path / "file")
     assert proc.returncode == 2 and "is a file" in proc.stderr
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_an_emulated_board_is_labelled_everywhere(reports, tmp_path):
+    """A report whose device was emulated (what `make test-board` produces under qemu-user): the
+    summary names the board "(emulated)" in every row and says its latencies are not board figures."""
+    report = json.loads(reports[0].read_text())
+    report["device"].update(emulated=True, emulation="qemu-user: aarch64 programs on an x86_64 kernel")
+    report["remote"] = {"host": "pi@127.0.0.1:2222", "release": "r", "python": "python3", "board_report": "x"}
+    emulated = tmp_path / "emulated.json"
+    emulated.write_text(json.dumps(report))
+    out = tmp_path / "summary"
+    proc = bench("report", reports[1], emulated, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    readme = (out / "README.md").read_text()
+    assert "**Emulated:** pi@127.0.0.1:2222 (emulated) ran under qemu-user: aarch64 programs on an x86_64 kernel" \
+        in readme and "never quote them as board figures" in readme
+    rows = [ln for ln in readme.splitlines() if ln.startswith("| pi@127.0.0.1:2222")]
+    assert rows and all(ln.startswith("| pi@127.0.0.1:2222 (emulated) |") for ln in rows)
+    native = json.loads(reports[1].read_text())["device"]["hostname"]
+    assert f"| {native} |" in readme and f"{native} (emulated)" not in readme

@@ -55,6 +55,8 @@ def test_report_names_device_and_bundle(local_report, bundle):
     for key in ("hostname", "cpu", "cpu_cores", "os", "kernel", "python", "cpufreq", "temperature_c", "backends"):
         assert key in d
     assert d["cpu_cores"] >= 1 and d["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert d["emulated"] is False and d["emulation"] is None  # this host runs natively
+    assert "emulated" not in proc_stderr(local_report)
     raw = (bundle / "manifest.json").read_bytes()
     manifest = json.loads(raw)
     b = report["bundle"]
@@ -63,6 +65,36 @@ def test_report_names_device_and_bundle(local_report, bundle):
     assert b["source"]["method"] == manifest["source"]["method"]
     assert b["source"]["slim"]["flops"] == manifest["source"]["slim"]["flops"]
     assert {f: v["top1"] for f, v in b["formats"].items()} == {f: a.get("top1") for f, a in manifest["artifacts"].items()}
+
+
+def proc_stderr(local_report) -> str:
+    return local_report[1].stderr
+
+
+# /proc/cpuinfo of an x86 host as an emulated aarch64 program reads it (qemu-user passes it through),
+# and of a Raspberry Pi 4.
+X86_CPUINFO = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: fpu vme sse2\n"
+PI4_CPUINFO = ("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
+               "CPU implementer\t: 0x41\nCPU part\t: 0xd08\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n")
+
+
+@pytest.mark.parametrize("machine, kernel_arch, cpuinfo, emulated", [
+    ("aarch64", "x86_64", X86_CPUINFO, True),  # qemu-user on this host
+    ("aarch64", None, X86_CPUINFO, True),  # the same on a kernel without /proc/sys/kernel/arch
+    ("armv7l", "x86_64", X86_CPUINFO, True),
+    ("aarch64", "aarch64", PI4_CPUINFO, False),  # a real Pi 4, 64-bit OS
+    ("armv7l", "aarch64", PI4_CPUINFO, False),  # 32-bit Pi OS on a 64-bit kernel: native
+    ("i686", "x86_64", X86_CPUINFO, False),  # 32-bit x86 userspace: native
+    ("x86_64", "x86_64", X86_CPUINFO, False),
+    ("x86_64", "aarch64", PI4_CPUINFO, True),  # x86 programs emulated on an ARM board
+])
+def test_emulation_is_detected_from_the_kernel_and_cpuinfo(machine, kernel_arch, cpuinfo, emulated):
+    from device_bench.device import emulation
+
+    found = emulation(machine, kernel_arch, cpuinfo)
+    assert (found is not None) == emulated, found
+    if emulated:
+        assert found.startswith("qemu-user: ") and machine in found
 
 
 def test_threads_seconds_and_batch(bundle, tmp_path):
