@@ -15,7 +15,7 @@ interpreter, no torch): `compress` imports it to prune to a budget in millisecon
 How a layer is costed (docs/latency-table.md has the measurements behind it). A layer's latency
 is a staircase in each width: runtimes pad channels to their SIMD tiles, so on a plateau every
 width costs what its top costs. The profile sweeps one 3x3 conv's input and output width on the
-board and records the plateaus it finds ("flat gaps" (lo, hi]: every width in it costs what `hi`
+board and records the plateaus it finds ("flat gaps" [lo, hi]: every width in it costs what `hi`
 costs); `Axis` turns a width into its plateau top ("effective width"). Each distinct layer shape
 (kernel, stride, input size, op) was then timed on the board at a few (in, out) grid points that
 are plateau tops; between them the latency is bilinear in the effective widths, which is what a
@@ -73,7 +73,7 @@ def _board_text(board: Mapping[str, Any]) -> str:
 class Axis:
     """Width -> effective width (the top of the plateau it is on), from the flat gaps a sweep found.
 
-    flat: [(lo, hi), ...]: every width in (lo, hi] costs what `hi` costs.
+    flat: [(lo, hi), ...]: every width in [lo, hi] costs what `hi` costs.
     period: beyond `sweep_max`, plateaus continue every `period` channels above `last_top`
             (0: widths beyond the sweep are their own effective width).
     """
@@ -101,7 +101,7 @@ class Axis:
         c = np.asarray(widths, dtype=np.int64)
         e = c.copy()
         for lo, hi in self.flat:
-            e = np.where((c > lo) & (c <= hi), hi, e)
+            e = np.where((c >= lo) & (c <= hi), hi, e)
         if self.period > 0:
             beyond = c > max(self.sweep_max, self.last_top)
             up = self.last_top + np.ceil((c - self.last_top) / self.period).astype(np.int64) * self.period
@@ -118,36 +118,29 @@ def find_flat_gaps(widths: Sequence[int], ms: Sequence[float], tolerance: float)
     """Plateaus in a latency sweep over `widths`: the Axis parameters (see Axis).
 
     The sweep is first made non-decreasing (isotonic fit: a wider layer never costs less, so a
-    dip is noise). A gap between neighbouring widths is flat when its latency rises by at most
-    `tolerance` (relative); costing any width inside it as the gap's top is then off by at most
-    that much. Beyond the sweep, the last plateau length repeats when the last two plateau tops
-    are a regular step apart."""
+    dip is noise). Neighbouring widths are on one plateau when the latency rises by at most
+    `tolerance` (relative) from the plateau's first width to its last, so costing a width as its
+    plateau's top is off by at most that much. A plateau reaches down to just above the sweep
+    width before it: runtimes pad to the next tile, so the cost steps up right after a tile
+    boundary, and the cheaper width before the plateau is the boundary. Beyond the sweep,
+    plateaus of the last one's length repeat when the last two tops are that far apart."""
     w = np.asarray(widths, dtype=np.int64)
     order = np.argsort(w)
     w, t = w[order], isotonic(np.asarray(ms, dtype=np.float64)[order])
-    flat = []
+    runs: List[List[int]] = []  # index ranges [first, last] of the sweep on one plateau
     for i in range(len(w) - 1):
-        if t[i + 1] <= t[i] * (1 + tolerance) + 1e-12:
-            flat.append((int(w[i]), int(w[i + 1])))
-    merged: List[Tuple[int, int]] = []
-    for lo, hi in flat:  # (a, b] + (b, c] -> (a, c] only if the whole run is within tolerance
-        if merged and merged[-1][1] == lo and _value(w, t, hi) <= _value(w, t, merged[-1][0]) * (1 + tolerance) + 1e-12:
-            merged[-1] = (merged[-1][0], hi)
-        else:
-            merged.append((lo, hi))
-    tops = [hi for _, hi in merged]
+        if runs and runs[-1][1] == i and t[i + 1] <= t[runs[-1][0]] * (1 + tolerance) + 1e-12:
+            runs[-1][1] = i + 1
+        elif t[i + 1] <= t[i] * (1 + tolerance) + 1e-12:
+            runs.append([i, i + 1])
+    flat = [(int(w[a - 1]) + 1 if a > 0 else int(w[a]), int(w[b])) for a, b in runs]
     period = last_top = 0
-    if len(tops) >= 2 and merged[-1][1] == int(w[-1]):
-        step = tops[-1] - tops[-2]
-        length = merged[-1][1] - merged[-1][0]
-        if step > 0 and length == step:
-            period, last_top = step, tops[-1]
-    return {"flat": [list(g) for g in merged], "sweep_max": int(w[-1]) if len(w) else 0,
+    if len(flat) >= 2 and flat[-1][1] == int(w[-1]):
+        step = flat[-1][1] - flat[-2][1]
+        if flat[-1][1] - flat[-1][0] + 1 == step:
+            period, last_top = step, flat[-1][1]
+    return {"flat": [list(g) for g in flat], "sweep_max": int(w[-1]) if len(w) else 0,
             "period": period, "last_top": last_top}
-
-
-def _value(w: np.ndarray, t: np.ndarray, width: int) -> float:
-    return float(t[int(np.searchsorted(w, width))])
 
 
 def isotonic(y: np.ndarray) -> np.ndarray:
@@ -520,11 +513,14 @@ class LatencyTable:
         return np.rint(self.c_out + self.a_out @ k).astype(np.int64)
 
     def keep_from_widths(self, widths: Mapping[str, Any]) -> np.ndarray:
-        """Kept counts from per-layer widths ({name: (in, out)} or {name: {"in", "out"}}), checked:
-        every layer named must have the widths the derived counts give it."""
-        def pair(v) -> Tuple[int, int]:
+        """Kept counts from per-layer widths, checked: every layer named must have the widths the
+        derived counts give it. `widths`: {name: (in, out)}, arch.json's {name: {"in", "out"}},
+        or {name: out} (a bundle's source.layers: every conv's output channels)."""
+        def pair(v) -> Tuple[Optional[int], int]:
             if isinstance(v, Mapping):
                 return int(v["in"]), int(v["out"])
+            if isinstance(v, (int, np.integer)):
+                return None, int(v)
             a, b = v
             return int(a), int(b)
 
@@ -536,10 +532,15 @@ class LatencyTable:
                 k[self.group_index[g]] = given[la.name][1] / coef
         w_in, w_out = self.width_in(k), self.width_out(k)
         for li, la in enumerate(self.layers):
-            if la.name in given and la.op in GEMM_OPS and (w_in[li], w_out[li]) != given[la.name]:
-                raise TableMismatch(f"layer {la.name} is {given[la.name][0]}->{given[la.name][1]} channels, but "
-                                    f"the table's model ({self.model_text}) couples it to widths "
+            if la.name not in given or la.op not in GEMM_OPS:
+                continue
+            want_in, want_out = given[la.name]
+            if w_out[li] != want_out or (want_in is not None and w_in[li] != want_in):
+                raise TableMismatch(f"layer {la.name} is {want_in if want_in is not None else '?'}->{want_out} "
+                                    f"channels, but the table's model ({self.model_text}) couples it to "
                                     f"{w_in[li]}->{w_out[li]}: not a pruned {self.model.get('spec')}")
+        if np.any(k < 1) or np.any(k > self.sizes):
+            raise TableMismatch(f"the widths do not fit the table's model ({self.model_text})")
         return k
 
 
