@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved timing rounds per probe (default 5)")
     f.add_argument("--burst-ms", type=_positive(float, 0.1, "--burst-ms"), default=10.0,
                    help="milliseconds of invokes per probe per round (default 10)")
+    f.add_argument("--grid", choices=("full", "coarse"), default="full",
+                   help="probe grid: full (default) or coarse (a quarter of the probes: a first look, CI)")
     f.add_argument("--cache", metavar="DIR", help="probe file cache (default ~/.cache/edgeslim/latency-probes, "
                    "or $EDGESLIM_CACHE/latency-probes)")
     f.add_argument("--out", help="the table (default tables/<model>-<board>.json)")
@@ -302,7 +304,7 @@ def cmd_profile(args) -> int:
     from .probes import default_cache
 
     cfg = ProfileConfig(formats=formats, threads=threads, cache=Path(args.cache) if args.cache else default_cache(),
-                        rounds=args.rounds, burst_ms=args.burst_ms)
+                        rounds=args.rounds, burst_ms=args.burst_ms, grid=args.grid)
     out = out or Path("tables") / f"{_slug(source.info['spec'])}-{_slug(board.label)}.json"
     table = profile(source, cfg, board, out, _log)
     for e in table["entries"]:

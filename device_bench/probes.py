@@ -520,8 +520,14 @@ def _build_batch(batch: List[Dict[str, Any]], fmt: str, cache: Path, tools: Dict
         except BenchError:
             raise
         except Exception as e:
-            raise BenchError(f"converting {len(batch)} {fmt} probes ({_shape_key(batch[0]['shape'])}) failed: "
-                             f"{type(e).__name__}: {' '.join(str(e).split())[:300]}", exit_code=1) from None
+            if len(batch) > 1:  # the converter trips over some mix of branches: convert the halves
+                half = len(batch) // 2
+                _build_batch(batch[:half], fmt, cache, tools)
+                _build_batch(batch[half:], fmt, cache, tools)
+                return
+            spec = batch[0]
+            raise BenchError(f"converting the {fmt} probe {_shape_key(spec['shape'])} {spec['cin']}->{spec['cout']} "
+                             f"failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}", exit_code=1) from None
         parts = split_tflite(out.read_bytes()) if fmt.startswith("tflite") else split_onnx(out)
     if len(parts) != len(batch):
         raise BenchError(f"internal error: {len(batch)} {fmt} probes converted into {len(parts)} outputs")

@@ -4,12 +4,12 @@ Two passes, each: build probe files on the host (probes.py: export's converters,
 them with the deploy machinery (or use them in place when profiling this machine), time them on
 the board (_profile_worker.py), fetch the timings.
 
-1. The plateaus. One 3x3 conv is swept over input and output widths SWEEP (1, 2..32 by 2,
+1. The plateaus. One 3x3 conv is swept over input and output widths (GRIDS: 1, 2..32 by 2,
    40..128 by 8) per format and thread count: where the latency is flat (the runtime pads to its SIMD
    tiles), latency_table.find_flat_gaps records it. Plus the "null" probe (an invoke with one
    trivial op), which every probe's time is taken net of.
-2. The grid. Every distinct layer shape of the model is timed at input/output widths FRACTIONS of
-   its widest use (plus every fixed and every dense width), snapped to plateau tops; and the
+2. The grid. Every distinct layer shape of the model is timed at input/output widths at fixed
+   fractions (1/8, 1/4, 1/2, 3/4, 1) of its widest use (plus every fixed and every dense width), snapped to plateau tops; and the
    whole network twice (dense, and every group at half), which fixes the overhead and scale of
    the sum (latency_table docstring).
 
@@ -37,9 +37,13 @@ from ._profile_worker import PROBESET_KIND, PROGRESS, TIMINGS_KIND
 from .errors import FAILED, BenchError
 from .files import write_json_atomic
 
-SWEEP = [1] + list(range(2, 33, 2)) + list(range(40, 129, 8))
+# The probe grids: "full" (the default) and "coarse" (a quarter of the probes: a first look, CI).
+GRIDS = {
+    "full": {"sweep": [1] + list(range(2, 33, 2)) + list(range(40, 129, 8)),
+             "fractions": (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)},
+    "coarse": {"sweep": [1, 4, 8, 12, 16, 24, 32, 48, 64], "fractions": (1 / 4, 1 / 2, 1.0)},
+}
 SWEEP_OTHER = 64  # the fixed width while the other one is swept
-FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
 ANCHORS = {"dense": 1.0, "half": 0.5}  # whole networks: every group kept at this fraction
 TOLERANCE = (0.02, 0.08)  # a "flat" gap's relative rise: from the timing spread, within these bounds
 
@@ -51,6 +55,15 @@ class ProfileConfig:
     cache: Path
     rounds: int = 5
     burst_ms: float = 10.0
+    grid: str = "full"  # a key of GRIDS
+
+    @property
+    def sweep(self) -> List[int]:
+        return GRIDS[self.grid]["sweep"]
+
+    @property
+    def fractions(self) -> Tuple[float, ...]:
+        return GRIDS[self.grid]["fractions"]
 
 
 @dataclass
@@ -259,7 +272,8 @@ def fit_axes(timing: Dict[str, Any], ids: Dict[str, Any]) -> Tuple[Dict[str, Any
     return axes, null, tol
 
 
-def grid_points(net: Dict[str, Any], axes_by_entry: List[Tuple[lt.Axis, lt.Axis]]) -> Dict[str, Tuple[List[int], List[int]]]:
+def grid_points(net: Dict[str, Any], axes_by_entry: List[Tuple[lt.Axis, lt.Axis]],
+                fractions: Sequence[float]) -> Dict[str, Tuple[List[int], List[int]]]:
     """Per layer shape: the input and output widths to time (see the module docstring)."""
     from .probes import dense_width, sizes_of
 
@@ -275,11 +289,11 @@ def grid_points(net: Dict[str, Any], axes_by_entry: List[Tuple[lt.Axis, lt.Axis]
             bucket.add(dense)
             if not width["groups"]:
                 continue
-            for axis_in, axis_out in axes_by_entry:
-                axis = (axis_in if side == "in" else axis_out) if gemm else lt.Axis.identity()
-                for f in FRACTIONS:
-                    target = max(1, int(math.ceil(f * dense)))
-                    bucket.add(int(min(axis.effective([target])[0], max(target, dense))))
+            for f in fractions:  # one point per fraction: the highest plateau top any entry rounds it to
+                target = max(1, int(math.ceil(f * dense)))
+                tops = [int(((a_in if side == "in" else a_out) if gemm else lt.Axis.identity()).effective([target])[0])
+                        for a_in, a_out in axes_by_entry]
+                bucket.add(min(max(tops), max(target, dense)))
     # Every layer of a shape shares its grid: the widest use decides its extent.
     return {k: (sorted(i) if i else [1], sorted(o)) for k, (i, o) in points.items()}
 
@@ -347,8 +361,8 @@ def profile(source: ModelSource, cfg: ProfileConfig, board: Board, out: Path,
         # ---- pass 1: plateaus
         sweep_shape = P.sweep_shape()
         sweep = {"null": P.null_spec(),
-                 "in": {w: P.probe_spec(sweep_shape, w, SWEEP_OTHER) for w in SWEEP},
-                 "out": {w: P.probe_spec(sweep_shape, SWEEP_OTHER, w) for w in SWEEP}}
+                 "in": {w: P.probe_spec(sweep_shape, w, SWEEP_OTHER) for w in cfg.sweep},
+                 "out": {w: P.probe_spec(sweep_shape, SWEEP_OTHER, w) for w in cfg.sweep}}
         specs1 = [sweep["null"], *sweep["in"].values(), *sweep["out"].values()]
         built1 = build(specs1, "the plateau sweep", cfg.formats)
         entries1 = [{"id": k, "kind": "probe", "files": f} for k, f in built1.items()]
@@ -366,7 +380,7 @@ def profile(source: ModelSource, cfg: ProfileConfig, board: Board, out: Path,
         # ---- pass 2: the grid and the anchors
         plans, built2 = {}, {}
         for fmt in cfg.formats:
-            plans[fmt] = grid_points(net, [_axes(fitted[(fmt, t)]) for t in cfg.threads])
+            plans[fmt] = grid_points(net, [_axes(fitted[(fmt, t)]) for t in cfg.threads], cfg.fractions)
             specs = [P.probe_spec(net["shapes"][key], a, b)
                      for key, (p_in, p_out) in plans[fmt].items() for a in p_in for b in p_out]
             for k, files in build(specs, f"the layer grid ({fmt})", [fmt]).items():
@@ -430,7 +444,7 @@ def profile(source: ModelSource, cfg: ProfileConfig, board: Board, out: Path,
         "profile": {"tool": f"device_bench {__version__}", "host": socket.gethostname(),
                     "formats": cfg.formats, "threads": cfg.threads, "rounds": cfg.rounds, "burst_ms": cfg.burst_ms,
                     "probes_converted": converted, "conversion_seconds": round(conversion_s, 1),
-                    "wall_seconds": None, "sweep": SWEEP, "fractions": list(FRACTIONS)},
+                    "wall_seconds": None, "grid": cfg.grid, "sweep": cfg.sweep, "fractions": list(cfg.fractions)},
     }
     parsed = lt.LatencyTable(table, out)  # calibrate with the real predictor, then store the result
     for (entry, anchor_ms), parsed_entry in zip(entries, parsed.entries):
