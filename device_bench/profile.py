@@ -316,21 +316,36 @@ def fit_grid(shape_points: Tuple[List[int], List[int]], ms: np.ndarray, axis_in:
             "ms": [[round(float(v), 6) for v in row] for row in total / count]}
 
 
+SCALE_RANGE = (0.8, 2.0)  # in-network vs isolated layers: what a plausible fit stays within
+
+
+def fit_line(sums: Sequence[float], measured: Sequence[float]) -> Tuple[float, float]:
+    """(scale, overhead) with measured ~ scale * sum + overhead, overhead >= 0 and scale within
+    SCALE_RANGE: the line through two anchors when it is plausible, else the least-relative-
+    squares fit under those bounds (a noisy anchor must not make a small network cost < 0)."""
+    s, m = np.asarray(sums, dtype=np.float64), np.asarray(measured, dtype=np.float64)
+    if len(s) >= 2 and s.max() - s.min() > 1e-9 * s.max():
+        scale = (m[-1] - m[0]) / (s[-1] - s[0]) if len(s) == 2 else np.polyfit(s, m, 1)[0]
+        overhead = float(np.mean(m - scale * s))
+        if SCALE_RANGE[0] <= scale <= SCALE_RANGE[1] and overhead >= 0:
+            return float(scale), overhead
+    # overhead 0: minimise sum(((scale * s - m) / m)^2)
+    w = s / m
+    scale = float(np.clip(w.sum() / (w * w).sum(), *SCALE_RANGE))
+    return scale, max(0.0, float(np.mean(m - scale * s)))
+
+
 def calibrate(entry: lt.LatencyEntry, anchors: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """Overhead and scale of the layer sum from the whole-network anchors: the line through
-    (sum, measured) of the dense and the half network; with one anchor (or a slope outside
-    0.5-2, i.e. noise), scale 1 and the dense network's residual as the overhead."""
-    sums = {name: float(entry.bind().layers(entry.table.keep_vector(a["keep"])).sum()) for name, a in anchors.items()}
-    measured = {name: a["measured_ms"] for name, a in anchors.items()}
-    scale, overhead = 1.0, measured["dense"] - sums["dense"]
-    if "half" in anchors and sums["dense"] - sums["half"] > 1e-9:
-        slope = (measured["dense"] - measured["half"]) / (sums["dense"] - sums["half"])
-        if 0.5 <= slope <= 2.0:
-            scale, overhead = slope, measured["dense"] - slope * sums["dense"]
+    """Scale and overhead of the layer sum from the whole-network anchors (fit_line)."""
+    names = list(anchors)
+    sums = {n: float(entry.bind().layers(entry.table.keep_vector(anchors[n]["keep"])).sum()) for n in names}
+    measured = {n: anchors[n]["measured_ms"] for n in names}
+    order = sorted(names, key=lambda n: sums[n])
+    scale, overhead = fit_line([sums[n] for n in order], [measured[n] for n in order])
     return {"scale": round(scale, 6), "overhead_ms": round(overhead, 6),
             "anchors": [{"name": n, "keep": anchors[n]["keep"], "measured_ms": round(measured[n], 6),
                          "sum_ms": round(sums[n], 6), "predicted_ms": round(scale * sums[n] + overhead, 6),
-                         "spread": anchors[n].get("spread")} for n in anchors]}
+                         "spread": anchors[n].get("spread")} for n in names]}
 
 
 # --------------------------------------------------------------------------- the whole profile

@@ -84,13 +84,15 @@ def test_profile_writes_a_table_that_predicts_its_anchors(table_path):
     assert set(entry.grids) == set(raw["shapes"])  # every layer shape was timed
     for grid in entry.grids.values():
         assert np.all(np.isfinite(grid.ms)) and np.all(grid.ms >= 0)
-    # The whole network was measured dense and at half width; the fit goes through both.
+    # The whole network was measured dense and at half width; scale and overhead are fitted to them.
     anchors = {a["name"]: a for a in raw["entries"][0]["anchors"]}
     assert set(anchors) == {"dense", "half"}
     for a in anchors.values():
-        assert a["measured_ms"] > 0
-        assert entry.predict_keep(a["keep"]) == pytest.approx(a["measured_ms"], rel=1e-3)
+        assert a["measured_ms"] > 0 and a["sum_ms"] > 0
+        assert entry.predict_keep(a["keep"]) == pytest.approx(a["predicted_ms"], rel=1e-4)
+    assert entry.overhead_ms >= 0 and 0.8 <= entry.scale <= 2.0
     assert entry.predict_keep(None) > entry.predict_keep(anchors["half"]["keep"])
+    assert entry.predict_keep({g: 1 for g, _ in table.groups}) > 0
     # plateau sweep recorded per axis, and the board fingerprint
     assert raw["entries"][0]["axes"]["out"]["sweep"]["widths"][0] == 1
     assert raw["board"]["id"] == lt.fingerprint(raw["board"])["id"]
@@ -116,6 +118,25 @@ def test_profile_over_ssh_reuses_the_cache(table_path, probe_cache, tmp_path):
 
 
 # --------------------------------------------------------------------------- the table
+
+
+SWEEP = [1] + list(range(2, 33, 2)) + list(range(40, 129, 8))
+
+
+def test_plateaus_of_a_tiled_runtime_and_of_a_smooth_one():
+    rng = np.random.default_rng(0)
+    tiled = [np.ceil(w / 16) * (1 + rng.normal(0, 0.003)) for w in SWEEP]  # pads to 16 channels, 0.3 % noise
+    found = lt.find_flat_gaps(SWEEP, tiled, tolerance=0.02)
+    assert found["flat"] == [[1, 16], [17, 32], [33, 48], [49, 64], [65, 80], [81, 96], [97, 112], [113, 128]]
+    assert found["period"] == 16 and found["last_top"] == 128
+    axis = lt.Axis.from_json(found)
+    assert axis.effective([1, 16, 17, 100, 129, 150, 160, 161]).tolist() == [16, 16, 32, 112, 144, 160, 160, 176]
+    assert axis.tops(70) == [16, 32, 48, 64]
+    smooth = [1.0 + w for w in SWEEP]  # no tiles: every width is its own cost
+    found = lt.find_flat_gaps(SWEEP, smooth, tolerance=0.005)
+    assert found["flat"] == [] and lt.Axis.from_json(found).effective([5, 77]).tolist() == [5, 77]
+    assert lt.isotonic(np.array([1.0, 3.0, 2.0, 4.0])).tolist() == [1.0, 2.5, 2.5, 4.0]
+
 
 
 def test_table_round_trip_and_predictor(table_path, tmp_path):
