@@ -60,6 +60,7 @@ def slim_bundle(tmp_path_factory, small_cifar_dir) -> Path:
     data = dataclasses.replace(data, x_train=np.ascontiguousarray(data.x_train[:, :16, :16]),
                                x_test=np.ascontiguousarray(data.x_test[:, :16, :16]))  # the model takes 16x16
     run = tmp_path_factory.mktemp("runs") / "tiny-slim16"
+    run.mkdir()
     write_run_folder(run, slim, name=run.name, method="random", data=data, num_classes=10, target=None,
                      dense_counts=count(model, (1, 3, 16, 16)), dense_top1=None, slim_top1=0.0,
                      arch=arch_of(slim, MODEL, 10, 1.0), epochs=0, seconds=0.0, wall_seconds=0.0,
@@ -100,6 +101,7 @@ def test_profile_writes_a_table_that_predicts_its_anchors(table_path):
 
 
 def test_profile_over_ssh_reuses_the_cache(table_path, probe_cache, tmp_path):
+    (tmp_path / "sshd").mkdir()
     server = start_sshd(tmp_path / "sshd")
     try:
         out = tmp_path / "board.json"
