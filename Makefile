@@ -19,7 +19,7 @@ HOST ?=
 DATA_DIR ?= $(if $(EDGESLIM_DATA),$(EDGESLIM_DATA),$(if $(wildcard ../shared/data/cifar10.npz),../shared/data,))
 DATA_ARG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
-.PHONY: setup system-deps demo test lint pytest compress export bench deploy report clean test-board board-try
+.PHONY: setup system-deps demo test lint pytest compress export bench deploy report profile clean test-board board-try
 
 setup: $(STAMP)
 
@@ -84,6 +84,13 @@ board-try: setup
 
 report: setup
 	$(PYTHON) -m device_bench report $(REPORTS)/*.json --out $(REPORTS)/summary
+
+# A latency table for MODEL (or RUN=runs/NAME: its dense model) on HOST, or on this machine without
+# HOST; written to tables/<model>-<board>.json. PROFILE_ARGS passes more (e.g. --threads 1,4).
+PROFILE_ARGS ?=
+profile: setup
+	$(PYTHON) -m device_bench profile $(if $(filter command line,$(origin RUN)),$(RUN),$(MODEL)) \
+	  $(if $(HOST),--host $(HOST),) $(PROFILE_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-device-tflite .pytest_cache .ruff_cache

@@ -1,8 +1,9 @@
-"""python -m device_bench {run, deploy, remote, report}: argument parsing and dispatch.
+"""python -m device_bench {run, deploy, remote, profile, report}: argument parsing and dispatch.
 Every bad input ends as one line on stderr and exit status 2; failed work exits 1."""
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import sys
 from pathlib import Path
@@ -52,14 +53,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="images per invoke (default 1; the exported TFLite models take exactly 1)")
     g.add_argument("--cooldown", type=_positive(float, 0, "--cooldown"), default=0.0,
                    help="seconds to idle between measurements, for boards that throttle when hot")
+    b = p.add_argument_group("latency budget")
+    b.add_argument("--latency-table", metavar="FILE", help="a table from `device_bench profile` for this board: "
+                   "report what it predicts for the bundle next to the measured p50")
+    b.add_argument("--budget-ms", type=_positive(float, 1e-6, "--budget-ms"), default=None,
+                   help="the latency budget: say whether each measured p50 meets it (exit status 1 if not)")
 
 
-def _add_ssh_options(p: argparse.ArgumentParser, fleet_out: str) -> None:
+def _add_ssh_options(p: argparse.ArgumentParser, fleet_out: Optional[str]) -> None:
+    """The board options; fleet_out None: one optional --host (profile: none = this machine)."""
     g = p.add_argument_group("board")
-    who = g.add_mutually_exclusive_group(required=True)
-    who.add_argument("--host", help="[user@]host[:port] of the board, e.g. pi@raspberrypi.local")
-    who.add_argument("--hosts", metavar="FILE", help=f"a file with one [user@]host[:port] per line: run "
-                     f"every board in parallel{fleet_out}")
+    if fleet_out is None:
+        g.add_argument("--host", help="[user@]host[:port] of the board (default: profile this machine)")
+    else:
+        who = g.add_mutually_exclusive_group(required=True)
+        who.add_argument("--host", help="[user@]host[:port] of the board, e.g. pi@raspberrypi.local")
+        who.add_argument("--hosts", metavar="FILE", help=f"a file with one [user@]host[:port] per line: run "
+                         f"every board in parallel{fleet_out}")
     g.add_argument("--port", type=_positive(int, 1, "--port"), default=22, help="ssh port (default 22)")
     g.add_argument("--identity", "-i", metavar="KEY", help="ssh private key file")
     g.add_argument("--known-hosts", metavar="FILE", help="known_hosts file to check the board's key against "
@@ -98,6 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", help="report JSON for --host (default reports/<bundle>-<host>.json); folder "
                    "for --hosts (default reports/fleet)")
 
+    f = sub.add_parser("profile", help="measure a latency table for a model on a board (or this machine)")
+    f.add_argument("model", metavar="MODEL_OR_RUN", help="zoo name (vgg16, resnet56, ...), package.module:factory, "
+                   "path/to/file.py:factory, or a run folder (runs/NAME: its dense model is profiled)")
+    f.add_argument("--num-classes", type=_positive(int, 1, "--num-classes"), default=10,
+                   help="classes of a zoo/factory model (default 10; a run folder says its own)")
+    f.add_argument("--width", type=_positive(float, 1e-6, "--width"), default=1.0,
+                   help="width multiplier of a zoo model (default 1.0; a run folder says its own)")
+    f.add_argument("--input-size", type=_positive(int, 1, "--input-size"), default=32,
+                   help="input height = width in pixels (default 32; a run folder says its own)")
+    f.add_argument("--ignore", default="", help="comma list of layers compress was told to --ignore")
+    f.add_argument("--formats", default="all", help="'all' (every format the board has an interpreter for) or a "
+                   "comma list: tflite-int8,tflite,onnx-int8,onnx")
+    f.add_argument("--threads", default=None, help="comma list of interpreter thread counts (default: 1 and all "
+                   "cores of this machine; name the board's with --host)")
+    f.add_argument("--rounds", type=_positive(int, 1, "--rounds"), default=5,
+                   help="interleaved timing rounds per probe (default 5)")
+    f.add_argument("--burst-ms", type=_positive(float, 0.1, "--burst-ms"), default=10.0,
+                   help="milliseconds of invokes per probe per round (default 10)")
+    f.add_argument("--grid", choices=("full", "coarse"), default="full",
+                   help="probe grid: full (default) or coarse (a quarter of the probes: a first look, CI)")
+    f.add_argument("--cache", metavar="DIR", help="probe file cache (default ~/.cache/edgeslim/latency-probes, "
+                   "or $EDGESLIM_CACHE/latency-probes)")
+    f.add_argument("--out", help="the table (default tables/<model>-<board>.json)")
+    _add_ssh_options(f, None)
+
     s = sub.add_parser("report", help="summarise reports: Markdown table + PNG plots")
     s.add_argument("reports", nargs="+", help="report JSON files, or folders of them")
     s.add_argument("--out", default="reports/summary", help="output folder (default reports/summary)")
@@ -129,16 +164,49 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _budget_finish(args, bundle):
+    """(table, finish): the hook that adds `latency_check` to a report before it is written."""
+    from . import budget
+
+    table = budget.open_table(args.latency_table)
+    if table is None and args.budget_ms is None:
+        return None, None
+    return table, lambda report: budget.check(report, bundle.manifest, table, args.budget_ms)
+
+
+def _budget_verdict(report) -> int:
+    """Print the latency check; 2 if the table was refused, 1 if the budget was missed."""
+    from .budget import describe
+
+    block = report.get("latency_check")
+    if not block:
+        return 0
+    for line in describe(block):
+        print(line)
+    if block.get("refused"):
+        raise BenchError(block["refused"])
+    if block["budget_missed"]:
+        print(f"latency budget {block['budget_ms']:g} ms MISSED", file=sys.stderr)
+        return FAILED
+    return 0
+
+
 def cmd_run(args) -> int:
-    from .run import run_bench
+    from . import device
+    from .budget import check_device
+    from .run import installed_backends, run_bench
 
     bundle = read_bundle(args.bundle)
     cfg = _run_config(args)
     out = _report_path(args.out, f"reports/{bundle.name}-{socket.gethostname()}.json")
-    report = run_bench(bundle, cfg, out)
+    table, finish = _budget_finish(args, bundle)
+    for note in check_device(table, device.describe(), {d: v for d, v in installed_backends().items() if v}):
+        print(f"warning: {note}", file=sys.stderr)  # a table from another board fails here, before measuring
+    report = run_bench(bundle, cfg, out, finish=finish)
     failed = [r for r in report["results"] if r["status"] == "error"]
     print(f"report: {out}" + (f" ({len(failed)} of {len(report['results'])} measurements failed)" if failed else ""))
-    return FAILED if failed else 0
+    verdict = _budget_verdict(report)
+    return FAILED if failed else verdict
 
 
 def _boards(args):
@@ -174,17 +242,79 @@ def cmd_remote(args) -> int:
     select_formats(bundle, cfg_run.formats)  # a bad format fails here, before any board is touched
     targets, opts, cfg = _boards(args)
     run_args = _remote_run_args(cfg_run)
+    _, finish = _budget_finish(args, bundle)  # a bad table fails here, before any board is touched
     release = build_release(bundle)
     if args.host:
         out = _report_path(args.out, f"reports/{bundle.name}-{targets[0].slug}.json")
-        remote_run(bundle, targets[0], opts, cfg, run_args, out, _log, release)
+        remote_run(bundle, targets[0], opts, cfg, run_args, out, _log, release, finish=finish)
         print(f"report: {out}")
-        return 0
+        return _budget_verdict(json.loads(out.read_text()))
     out_dir = Path(args.out or "reports/fleet")
     if out_dir.exists() and not out_dir.is_dir():
         raise BenchError(f"--out {out_dir} is a file; with --hosts it must be a folder")
     return run_fleet(targets, lambda t, log: remote_run(bundle, t, opts, cfg, run_args,
-                                                        out_dir / f"{t.slug}.json", log, release), out_dir)
+                                                        out_dir / f"{t.slug}.json", log, release, finish=finish),
+                     out_dir)
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:60] or "model"
+
+
+def cmd_profile(args) -> int:
+    from .bundle import KNOWN_FORMATS
+    from .profile import Board, ProfileConfig, profile, resolve_model
+    from .run import installed_backends, runnable
+
+    wanted = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats.strip() != "all" else None
+    for f in wanted or []:
+        if f not in KNOWN_FORMATS:
+            raise BenchError(f"unknown format {f!r}; formats are {', '.join(KNOWN_FORMATS)}")
+    if wanted == []:
+        raise BenchError(f"--formats {args.formats!r} names no format")
+    threads = parse_threads(args.threads or _default_threads())
+    board = Board()
+    if args.host:
+        from .deploy import BoardConfig, board_call
+        from .ssh import SshOptions, parse_target
+
+        target = parse_target(args.host, args.port)
+        opts = SshOptions(identity=args.identity, known_hosts=args.known_hosts,
+                          accept_new_host_key=args.accept_new_host_key, connect_timeout=args.connect_timeout).checked()
+        board_cfg = BoardConfig(python=args.python, remote_dir=args.remote_dir, keep=args.keep).checked()
+        board = Board((target, opts, board_cfg))
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or out.suffix != ".json"):
+        raise BenchError(f"--out {out}: a latency table is a .json file")
+    source = resolve_model(args.model, args.num_classes, args.width, args.input_size,
+                           [x.strip() for x in args.ignore.split(",") if x.strip()])
+    if args.host:  # what the board can run: its interpreters, from deploy's probe
+        backends = board_call(target, opts, board_cfg, "probe", [])["backends"]
+    else:
+        backends = installed_backends()
+    formats = [f for f in (wanted or KNOWN_FORMATS) if wanted or runnable(f, backends)]
+    missing = [f for f in formats if not runnable(f, backends)]
+    if missing:
+        raise BenchError(f"{board.label} has no interpreter for {', '.join(missing)} (installed: "
+                         f"{', '.join(d for d, v in backends.items() if v) or 'none'})")
+    if not formats:
+        raise BenchError(f"{board.label} has no TFLite or ONNX interpreter: pip install ai-edge-litert")
+    from .probes import default_cache
+
+    cfg = ProfileConfig(formats=formats, threads=threads, cache=Path(args.cache) if args.cache else default_cache(),
+                        rounds=args.rounds, burst_ms=args.burst_ms, grid=args.grid)
+    out = out or Path("tables") / f"{_slug(source.info['spec'])}-{_slug(board.label)}.json"
+    table = profile(source, cfg, board, out, _log)
+    for e in table["entries"]:
+        dense = next(a for a in e["anchors"] if a["name"] == "dense")
+        _log(f"{e['format']:<12} x{e['threads']:<2} dense network {dense['measured_ms']:.3f} ms measured, "
+             f"{dense['sum_ms']:.3f} ms sum of layers; overhead {e['overhead_ms']:.3f} ms, scale {e['scale']:.3f}")
+    p = table["profile"]
+    print(f"latency table: {out} ({len(table['entries'])} entries, {p['probes_converted']} probes converted, "
+          f"{p['wall_seconds']:.0f} s)")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -196,7 +326,8 @@ def cmd_report(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    commands = {"run": cmd_run, "deploy": cmd_deploy, "remote": cmd_remote, "report": cmd_report}
+    commands = {"run": cmd_run, "deploy": cmd_deploy, "remote": cmd_remote, "report": cmd_report,
+                "profile": cmd_profile}
     try:
         args = build_parser().parse_args(argv)
         return commands[args.command](args)

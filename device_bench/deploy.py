@@ -129,12 +129,24 @@ def code_files() -> List[Tuple[str, Path]]:
 def build_release(bundle: BundleInfo) -> Release:
     """Check the bundle against its manifest, then list everything the board gets with sha256s."""
     digests = {f"bundle/{rel}": (bundle.root / rel, sha) for rel, sha in verify_files(bundle).items()}
+    return _release(bundle.name, bundle.manifest_sha256, digests)
+
+
+def folder_release(name: str, root: Path, files: Sequence[str]) -> Release:
+    """A release whose payload (the board's `bundle/` folder) is `files` of `root`, e.g. the probe
+    set of `device_bench profile`; named by the sha256 of their listing like a bundle's."""
+    digests = {f"bundle/{rel}": (root / rel, sha256_file(root / rel)) for rel in files}
+    listing = hashlib.sha256("".join(f"{r} {s}\n" for r, (_, s) in sorted(digests.items())).encode()).hexdigest()
+    return _release(name, listing, digests)
+
+
+def _release(bundle_name: str, content_sha: str, digests: Dict[str, Tuple[Path, str]]) -> Release:
     code = {rel: (path, sha256_file(path)) for rel, path in code_files()}
     code_sha = hashlib.sha256("".join(f"{r} {s}\n" for r, (_, s) in sorted(code.items())).encode()).hexdigest()
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", bundle.name).strip("._-")[:60] or "bundle"
-    name = f"{slug}-{bundle.manifest_sha256[:12]}-{code_sha[:8]}"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", bundle_name).strip("._-")[:60] or "bundle"
+    name = f"{slug}-{content_sha[:12]}-{code_sha[:8]}"
     everything = {**digests, **code}
-    checksums = json.dumps({"release": name, "bundle": bundle.name, "manifest_sha256": bundle.manifest_sha256,
+    checksums = json.dumps({"release": name, "bundle": bundle_name, "manifest_sha256": content_sha,
                             "files": {rel: sha for rel, (_, sha) in sorted(everything.items())}},
                            indent=1, sort_keys=True).encode()
     files = [(rel, path) for rel, (path, _) in sorted(everything.items())]
@@ -211,9 +223,10 @@ def upload_progress(target: Target, release: Release, log: Log) -> Callable[[int
     return progress
 
 
-def deploy(bundle: BundleInfo, target: Target, opts: SshOptions, cfg: BoardConfig, log: Log,
+def deploy(bundle: Optional[BundleInfo], target: Target, opts: SshOptions, cfg: BoardConfig, log: Log,
            release: Optional[Release] = None) -> Dict[str, Any]:
-    """Put the release on the board and make it `current`. Returns what the board reported."""
+    """Put the release (by default: the bundle's) on the board and make it `current`. Returns
+    what the board reported."""
     release = release or build_release(bundle)
     probe = board_call(target, opts, cfg, "probe", [release.name, release.checksums_sha])
     advice = install_advice(target, cfg, probe)
@@ -238,31 +251,45 @@ def deploy(bundle: BundleInfo, target: Target, opts: SshOptions, cfg: BoardConfi
 # --------------------------------------------------------------------------- remote run
 
 
-def remote_run(bundle: BundleInfo, target: Target, opts: SshOptions, cfg: BoardConfig, run_args: List[str],
-               out: Path, log: Log, release: Optional[Release] = None) -> Dict[str, Any]:
-    """deploy + `python -m device_bench run` on the board + fetch the report to `out`."""
-    release = release or build_release(bundle)
-    deployed = deploy(bundle, target, opts, cfg, log, release)
+def remote_job(target: Target, opts: SshOptions, cfg: BoardConfig, release: Release, words: List[str],
+               log: Log, what: str, echo: Optional[Log] = None) -> Tuple[Dict[str, Any], int, str, Dict[str, Any]]:
+    """Deploy `release`, run `python -m WORDS... --out ../reports/<new>.json` in its code folder on
+    the board, fetch that JSON. Returns (the JSON, the command's exit status, its path on the
+    board, what deploy reported). The board's stderr goes line by line to `echo` (default: log)."""
+    deployed = deploy(None, target, opts, cfg, log, release)
     base = f"{cfg.remote_dir.rstrip('/')}/releases/{release.name}"
     report_name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{uuid.uuid4().hex[:6]}.json"
-    command = (f"cd {remote_path(base + '/code')} && {python_word(cfg)} -m device_bench run ../bundle "
-               + ssh.quote_command(run_args + ["--out", f"../reports/{report_name}"]))
-    log(f"{target.label}: running the benchmark")
-    res = ssh.run(target, opts, command, echo=lambda line: log(f"{target.label}: {line}"))
+    command = (f"cd {remote_path(base + '/code')} && {python_word(cfg)} -m "
+               + ssh.quote_command(words + ["--out", f"../reports/{report_name}"]))
+    log(f"{target.label}: running {what}")
+    res = ssh.run(target, opts, command, echo=echo or (lambda line: log(f"{target.label}: {line}")))
     fetched = ssh.run(target, opts, "cat " + remote_path(f"{base}/reports/{report_name}"))
     if fetched.returncode != 0:
         tail = [ln for ln in res.stderr.splitlines() if ln.strip()]
-        raise BenchError(f"{target.label}: the benchmark on the board failed (exit {res.returncode}): "
+        raise BenchError(f"{target.label}: {what} on the board failed (exit {res.returncode}): "
                          f"{tail[-1].strip() if tail else 'no output'}", exit_code=FAILED)
     try:
         report = json.loads(fetched.stdout)
     except ValueError:
         raise BenchError(f"{target.label}: the board's report is not JSON", exit_code=FAILED) from None
+    return report, res.returncode, f"{base}/reports/{report_name}", deployed
+
+
+def remote_run(bundle: BundleInfo, target: Target, opts: SshOptions, cfg: BoardConfig, run_args: List[str],
+               out: Path, log: Log, release: Optional[Release] = None,
+               finish: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """deploy + `python -m device_bench run` on the board + fetch the report to `out`.
+    `finish(report)` may add to the report before it is written (predictions, budget)."""
+    release = release or build_release(bundle)
+    report, returncode, board_report, deployed = remote_job(
+        target, opts, cfg, release, ["device_bench", "run", "../bundle", *run_args], log, "the benchmark")
     report["remote"] = {"host": target.label, "release": release.name, "python": cfg.python,
-                        "board_report": f"{base}/reports/{report_name}"}
+                        "board_report": board_report}
+    if finish is not None:
+        finish(report)
     write_json_atomic(out, report)
     log(f"{target.label}: report -> {out}")
-    if res.returncode != 0:
+    if returncode != 0:
         raise BenchError(f"{target.label}: some measurements failed on the board (see {out})", exit_code=FAILED)
     return {"deployed": deployed, "report": str(out)}
 

@@ -365,6 +365,29 @@ def markdown(reports: List[Tuple[Path, Dict[str, Any]]], rows: List[Row], plots:
                             [[b, n, r.get("format"), r.get("threads", "all"), r["status"],
                               r.get("error") or r.get("reason") or ""] for b, n, r in problems]))
 
+    checked = [(board_label(rep), rep["bundle"].get("name"), rep["latency_check"]) for _, rep in reports
+               if isinstance(rep.get("latency_check"), dict)]
+    if checked:
+        parts += ["", "## Latency budget and prediction", "",
+                  "Measured p50 against the `--budget-ms` given to `run`/`remote`, and what the `--latency-table` "
+                  "predicted for the bundle (error = predicted / measured - 1).", ""]
+        lines = []
+        for board, name, block in checked:
+            budget = block.get("budget_ms")
+            for row in block.get("results") or []:
+                verdict = "–" if budget is None else ("met" if row.get("within_budget") else
+                                                      f"**MISSED** by {-row['margin'] * 100:.1f} %")
+                lines.append([board, name, row["format"], row["threads"], _fmt(budget, "g"),
+                              _fmt(row.get("predicted_ms")), _fmt(row["measured_p50_ms"]),
+                              _fmt(None if row.get("error") is None else 100 * row["error"], "+.1f")
+                              + " %" * (row.get("error") is not None), verdict])
+        parts.append(_table(["board", "bundle", "format", "threads", "budget ms", "predicted ms", "measured p50",
+                             "error", "budget"], lines))
+        notes = [f"{b} / {n}: {w}" for b, n, block in checked for w in block.get("warnings") or []]
+        notes += [f"{b} / {n}: table refused: {block['refused']}" for b, n, block in checked if block.get("refused")]
+        if notes:
+            parts += [""] + [f"- {note}" for note in notes]
+
     if pairs:
         parts += ["", "## Dense vs slim", ""]
         parts.append(_table(["board", "model", "method", "format", "dense p50", "slim p50", "speed-up",

@@ -125,8 +125,10 @@ class Progress:
 
 
 def run_bench(bundle: BundleInfo, cfg: RunConfig, out: Path,
-              progress_factory: Callable[[int], Progress] = Progress) -> Dict[str, Any]:
-    """Measure, write `out` atomically, return the report."""
+              progress_factory: Callable[[int], Progress] = Progress,
+              finish: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Measure, write `out` atomically, return the report. `finish(report)` may add to the report
+    before it is written (the latency budget check)."""
     formats = select_formats(bundle, cfg.formats)
     backends = installed_backends()
     skipped: List[Dict[str, str]] = []
@@ -181,5 +183,7 @@ def run_bench(bundle: BundleInfo, cfg: RunConfig, out: Path,
         "skipped": skipped,
         "temperature_c_end": device.max_temperature(),
     }
+    if finish is not None:
+        finish(report)
     write_json_atomic(out, report)
     return report

@@ -1,0 +1,262 @@
+"""device_bench profile and the latency table: a real profile of a tiny residual CNN on this
+machine (real export converters, real interpreter; coarse grid), the same profile over the real
+sshd on loopback (the deploy tests' server), the table's round trip and predictor, tables from
+another board or runtime version, the budget check of `run`, and bad inputs (one line, exit 2)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_bench import latency_table as lt
+from tests.device_bench_helpers import bench
+from tests.test_device_bench_ssh import board_args, one_line_error, start_sshd, stop_sshd
+
+MODEL = "tests.latency_fixture:tiny_resnet"
+PROFILE = ["--input-size", "16", "--grid", "coarse", "--formats", "tflite", "--threads", "1",
+           "--rounds", "3", "--burst-ms", "3"]
+
+
+@pytest.fixture(scope="session")
+def probe_cache(tmp_path_factory) -> Path:
+    """One probe cache for the session: the SSH profile reuses the local one's conversions."""
+    return tmp_path_factory.mktemp("probe-cache")
+
+
+@pytest.fixture(scope="session")
+def table_path(tmp_path_factory, probe_cache) -> Path:
+    out = tmp_path_factory.mktemp("tables") / "tiny.json"
+    proc = bench("profile", MODEL, *PROFILE, "--cache", probe_cache, "--out", out, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "latency table:" in proc.stdout
+    return out
+
+
+@pytest.fixture(scope="session")
+def slim_bundle(tmp_path_factory, small_cifar_dir) -> Path:
+    """A pruned tiny_resnet (random channels kept) as a run folder, exported to tflite."""
+    import subprocess
+
+    import torch
+
+    from compress.data import load_dataset, subset
+    from compress.flops import count
+    from compress.models import build_model
+    from compress.prune import arch_of, extract, find_groups
+    from compress.report import write_run_folder
+
+    torch.manual_seed(0)
+    model = build_model(MODEL, 10, 1.0).eval()
+    example = torch.randn(1, 3, 16, 16)
+    groups = find_groups(model, example)
+    masks = {g.name: torch.rand(g.size) < 0.6 for g in groups}
+    slim = extract(model, groups, masks, example).eval()
+    data = subset(load_dataset(str(small_cifar_dir / "cifar10.npz")), train=64, test=32)
+    data = dataclasses.replace(data, x_train=np.ascontiguousarray(data.x_train[:, :16, :16]),
+                               x_test=np.ascontiguousarray(data.x_test[:, :16, :16]))  # the model takes 16x16
+    run = tmp_path_factory.mktemp("runs") / "tiny-slim16"
+    run.mkdir()
+    write_run_folder(run, slim, name=run.name, method="random", data=data, num_classes=10, target=None,
+                     dense_counts=count(model, (1, 3, 16, 16)), dense_top1=None, slim_top1=0.0,
+                     arch=arch_of(slim, MODEL, 10, 1.0), epochs=0, seconds=0.0, wall_seconds=0.0,
+                     config={"model": MODEL, "dataset": "cifar10"}, calib=32, seed=0)
+    dist = tmp_path_factory.mktemp("dist") / "tiny-slim16"
+    proc = subprocess.run([sys.executable, "-m", "export", str(run), "--out", str(dist), "--formats", "tflite",
+                           "--calib", "32"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dist
+
+
+# --------------------------------------------------------------------------- the profile
+
+
+def test_profile_writes_a_table_that_predicts_its_anchors(table_path):
+    raw = json.loads(table_path.read_text())
+    table = lt.load_table(table_path)
+    assert raw["kind"] == lt.KIND and raw["model"]["spec"] == MODEL and raw["model"]["input"] == [1, 3, 16, 16]
+    assert {la["op"] for la in raw["layers"]} == {"conv2d", "add", "maxpool", "mean", "linear"}
+    entry = table.entry("tflite", 1)
+    assert entry.backend == "ai-edge-litert" and entry.backend_version
+    assert set(entry.grids) == set(raw["shapes"])  # every layer shape was timed
+    for grid in entry.grids.values():
+        assert np.all(np.isfinite(grid.ms)) and np.all(grid.ms >= 0)
+    # The whole network was measured dense and at half width; scale and overhead are fitted to them.
+    anchors = {a["name"]: a for a in raw["entries"][0]["anchors"]}
+    assert set(anchors) == {"dense", "half"}
+    for a in anchors.values():
+        assert a["measured_ms"] > 0 and a["sum_ms"] > 0
+        assert entry.predict_keep(a["keep"]) == pytest.approx(a["predicted_ms"], rel=1e-4)
+    assert entry.overhead_ms >= 0 and 0.8 <= entry.scale <= 2.0
+    assert entry.predict_keep(None) > entry.predict_keep(anchors["half"]["keep"])
+    assert entry.predict_keep({g: 1 for g, _ in table.groups}) > 0
+    # plateau sweep recorded per axis, and the board fingerprint
+    assert raw["entries"][0]["axes"]["out"]["sweep"]["widths"][0] == 1
+    assert raw["board"]["id"] == lt.fingerprint(raw["board"])["id"]
+    assert raw["profile"]["wall_seconds"] > 0 and raw["profile"]["grid"] == "coarse"
+
+
+def test_profile_over_ssh_reuses_the_cache(table_path, probe_cache, tmp_path):
+    (tmp_path / "sshd").mkdir()
+    server = start_sshd(tmp_path / "sshd")
+    try:
+        out = tmp_path / "board.json"
+        proc = bench("profile", MODEL, *PROFILE, "--cache", probe_cache, "--out", out,
+                     *board_args(server, tmp_path / "board"), timeout=900)
+    finally:
+        stop_sshd(server)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "uploading" in proc.stderr  # the probe set went over ssh
+    raw, local = json.loads(out.read_text()), json.loads(table_path.read_text())
+    assert raw["profile"]["probes_converted"] == 0  # every probe came from the cache
+    assert raw["board"]["id"] == local["board"]["id"]  # loopback: the same machine
+    assert raw["board"]["profiled_as"] == server.host
+    assert set(raw["entries"][0]["grids"]) == set(local["entries"][0]["grids"])
+    assert (tmp_path / "board" / "current").is_symlink()
+
+
+# --------------------------------------------------------------------------- the table
+
+
+SWEEP = [1] + list(range(2, 33, 2)) + list(range(40, 129, 8))
+
+
+def test_plateaus_of_a_tiled_runtime_and_of_a_smooth_one():
+    rng = np.random.default_rng(0)
+    tiled = [np.ceil(w / 16) * (1 + rng.normal(0, 0.003)) for w in SWEEP]  # pads to 16 channels, 0.3 % noise
+    found = lt.find_flat_gaps(SWEEP, tiled, tolerance=0.02)
+    assert found["flat"] == [[1, 16], [17, 32], [33, 48], [49, 64], [65, 80], [81, 96], [97, 112], [113, 128]]
+    assert found["period"] == 16 and found["last_top"] == 128
+    axis = lt.Axis.from_json(found)
+    assert axis.effective([1, 16, 17, 100, 129, 150, 160, 161]).tolist() == [16, 16, 32, 112, 144, 160, 160, 176]
+    assert axis.tops(70) == [16, 32, 48, 64]
+    smooth = [1.0 + w for w in SWEEP]  # no tiles: every width is its own cost
+    found = lt.find_flat_gaps(SWEEP, smooth, tolerance=0.005)
+    assert found["flat"] == [] and lt.Axis.from_json(found).effective([5, 77]).tolist() == [5, 77]
+    assert lt.isotonic(np.array([1.0, 3.0, 2.0, 4.0])).tolist() == [1.0, 2.5, 2.5, 4.0]
+
+
+
+def test_table_round_trip_and_predictor(table_path, tmp_path):
+    table = lt.load_table(table_path)
+    copy_path = tmp_path / "copy.json"
+    copy_path.write_text(json.dumps(json.loads(table_path.read_text()), indent=None))
+    again = lt.load_table(copy_path)
+    rng = np.random.default_rng(0)
+    sizes = table.sizes.astype(int)
+    for _ in range(20):
+        keep = {g: int(rng.integers(1, s + 1)) for (g, _), s in zip(table.groups, sizes)}
+        a, b = table.entry("tflite", 1).predict_keep(keep), again.entry("tflite", 1).predict_keep(keep)
+        assert a == b and a > 0
+    entry = table.entry("tflite", 1)
+    lat = entry.bind()
+    k = table.keep_vector({g: max(1, s // 2) for (g, s) in table.groups})
+    assert lat.total(k) == pytest.approx(entry.predict_keep(k))
+    saved = lat.removal_savings(k)  # one evaluation per group, against brute force
+    for gi in range(len(k)):
+        fewer = k.copy()
+        fewer[gi] -= 1
+        assert saved[gi] == pytest.approx(lat.total(k) - lat.total(fewer), abs=1e-9)
+    # in the pruner's group order (a permutation of the table's)
+    names = [g for g, _ in table.groups][::-1]
+    assert entry.bind(names).total(k[::-1]) == pytest.approx(lat.total(k))
+    with pytest.raises(lt.TableMismatch):
+        entry.bind(names[1:])
+    # per-layer widths (arch.json's modules) predict what kept counts do
+    widths = {la.name: (int(i), int(o)) for la, i, o in zip(table.layers, table.width_in(k), table.width_out(k))
+              if la.op in lt.GEMM_OPS}
+    assert entry.predict(widths) == pytest.approx(entry.predict_keep(k))
+    bad = dict(widths)
+    name = next(iter(bad))
+    bad[name] = (bad[name][0] + 1, bad[name][1])
+    with pytest.raises(lt.TableMismatch, match="couples it"):
+        entry.predict(bad)
+    # step widths: sorted, within the layer, the dense width last; latency never rises going down them
+    layer = next(la for la in table.layers if la.op == "conv2d" and la.cin.groups)
+    steps = entry.step_widths(layer.name, "out")
+    dense_out = table.dense_widths(layer)[1]
+    assert steps == sorted(steps) and steps[-1] == dense_out and all(1 <= s <= dense_out for s in steps)
+    ms = entry.layer_ms(layer.name, np.full(dense_out, table.dense_widths(layer)[0]), np.arange(1, dense_out + 1))
+    assert np.all(np.diff(ms) >= -1e-12)
+    with pytest.raises(lt.TableError, match="no entry for tflite-int8 x1"):
+        table.entry("tflite-int8", 1)
+
+
+def test_another_board_is_refused_and_another_runtime_warned(table_path, tmp_path):
+    table = lt.load_table(table_path)
+    device = dict(json.loads(table_path.read_text())["board"])
+    assert table.check_compatible(device, {"ai-edge-litert": table.entry("tflite", 1).backend_version}) == []
+    other = dict(device, cpu="Cortex-A72", machine="aarch64")
+    with pytest.raises(lt.TableMismatch, match="was measured on .* not on this board .*differs in machine, cpu"):
+        table.check_compatible(other)
+    notes = table.check_compatible(device, {"ai-edge-litert": "9.9.9"})
+    assert len(notes) == 1 and "this board runs 9.9.9" in notes[0] and "\n" not in notes[0]
+
+
+def _variant(table_path: Path, tmp_path: Path, name: str, edit) -> Path:
+    raw = copy.deepcopy(json.loads(table_path.read_text()))
+    edit(raw)
+    path = tmp_path / name
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_run_with_the_table_and_a_budget(table_path, slim_bundle, tmp_path):
+    out = tmp_path / "r.json"
+    fast = ["--formats", "tflite", "--threads", "1", "--runs", "20", "--warmup", "2"]
+    proc = bench("run", slim_bundle, *fast, "--latency-table", table_path, "--budget-ms", "1000", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    check = json.loads(out.read_text())["latency_check"]
+    row = check["results"][0]
+    assert row["predicted_ms"] > 0 and row["within_budget"] and not check["budget_missed"]
+    assert "predicted" in proc.stdout and "budget 1000 ms: met" in proc.stdout
+    # a budget the bundle cannot meet: said clearly, exit 1, and in the summary's Markdown
+    proc = bench("run", slim_bundle, *fast, "--latency-table", table_path, "--budget-ms", "0.0001", "--out", out)
+    assert proc.returncode == 1
+    assert "MISSED" in proc.stdout and "latency budget 0.0001 ms MISSED" in proc.stderr
+    assert json.loads(out.read_text())["latency_check"]["budget_missed"]
+    proc = bench("report", out, "--out", tmp_path / "summary")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "summary" / "README.md").read_text()
+    assert "## Latency budget" in text and "MISSED" in text
+    # a table from another board: refused before measuring, one line, exit 2
+    other = _variant(table_path, tmp_path, "other.json", lambda r: r["board"].update(cpu="Cortex-A72", id="0" * 16))
+    proc = bench("run", slim_bundle, *fast, "--latency-table", other, "--out", tmp_path / "o.json")
+    assert proc.returncode == 2 and "was measured on" in one_line_error(proc)
+    assert not (tmp_path / "o.json").exists()
+    # another interpreter version: measured, predicted, warned in one line
+    older = _variant(table_path, tmp_path, "older.json", lambda r: r["entries"][0].update(backend_version="2.0.0"))
+    proc = bench("run", slim_bundle, *fast, "--latency-table", older, "--out", tmp_path / "w.json")
+    assert proc.returncode == 0, proc.stderr
+    warned = [ln for ln in proc.stderr.splitlines() if "measured with ai-edge-litert 2.0.0" in ln]
+    assert len(warned) == 1
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args, message", [
+    (["profile", "nosuchnet"], "unknown model 'nosuchnet'"),
+    (["profile", "vgg16", "--formats", "pytorch"], "unknown format 'pytorch'"),
+    (["profile", "vgg16", "--threads", "0"], "bad --threads"),
+    (["profile", "vgg16", "--out", "{tmp}/table.txt"], "a latency table is a .json file"),
+    (["profile", "{tmp}", "--out", "{tmp}/t.json"], "not a run folder"),
+    (["profile", "vgg16", "--host", "pi@bad host"], "bad host"),
+    (["profile", "vgg16", "--grid", "fine"], "invalid choice"),
+    (["run", "{bundle}", "--latency-table", "{tmp}/missing.json"], "latency table not found"),
+    (["run", "{bundle}", "--latency-table", "{notatable}"], "is not a latency table"),
+    (["run", "{bundle}", "--budget-ms", "-1"], "--budget-ms must be at least"),
+    (["remote", "{bundle}", "--host", "pi@h", "--latency-table", "{notatable}"], "is not a latency table"),
+])
+def test_bad_input_is_one_line_and_exit_2(bundle, tmp_path, args, message):
+    (tmp_path / "report.json").write_text(json.dumps({"kind": "edgeslim-device-bench"}))
+    subs = {"{tmp}": str(tmp_path), "{bundle}": str(bundle), "{notatable}": str(tmp_path / "report.json")}
+    argv = [subs.get(a, a) if a in subs else a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = bench(*argv)
+    assert proc.returncode == 2, proc.stderr
+    assert message in one_line_error(proc)
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "table.txt").exists()
