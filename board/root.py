@@ -40,20 +40,21 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PASS_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "PIP_INDEX_URL",
             "PIP_DEFAULT_TIMEOUT")
 REPO = Path(__file__).resolve().parents[1]
-# What `pip install .` reads from the checkout: the project's metadata and its packages.
-SOURCES = ("pyproject.toml", "README.md", "compress", "export", "runtime", "device_bench")
+# What the device install reads from the checkout: the edgeslim-runtime distribution (runtime/ is
+# the package and holds its own pyproject.toml; nothing of the host packages goes to the board).
+SOURCES = ("runtime",)
 
 
-def device_install(extra: str = "device") -> List[str]:
+def device_install(extra: str = "litert") -> List[str]:
     """THE device install, as README gives it for a Pi: run with the venv's pip from a copy of this
     checkout. One place: when the device packaging changes, change it here."""
-    return ["pip", "install", f".[{extra}]"]
+    return ["pip", "install", f"./runtime[{extra}]"]
 
 
-# name of the venv in pi's home -> the pip extra. `edgeslim-venv` is README's venv (its size is the
-# footprint); the other two cover the other interpreters the board can have (onnxruntime; tflite-runtime,
-# which needs numpy<2).
-BOARD_VENVS = {"edgeslim-venv": "device", "edgeslim-venv-onnx": "device-onnx", "edgeslim-venv-tflite": "device-tflite"}
+# name of the venv in pi's home -> the runtime's extra. `edgeslim-venv` is README's venv (its size is
+# the footprint); the other two cover the other interpreters the board can have (onnxruntime;
+# tflite-runtime, which needs numpy<2).
+BOARD_VENVS = {"edgeslim-venv": "litert", "edgeslim-venv-onnx": "onnx", "edgeslim-venv-tflite": "tflite-runtime"}
 
 Log = Callable[[str], None]
 
@@ -200,11 +201,11 @@ def source_files() -> List[Path]:
 
 
 def sources_sha256() -> str:
-    """What the installed package is made of: the code and pyproject.toml (README.md is copied for
-    the package metadata, but its text changes nothing a board runs)."""
+    """What the installed package is made of: runtime's code and pyproject.toml (its README.md is
+    copied for the package metadata, but its text changes nothing a board runs)."""
     h = hashlib.sha256()
     for path in source_files():
-        if path.name != "README.md" or path.parent != REPO:
+        if path.name != "README.md" or path.parent != REPO / "runtime":
             h.update(f"{path.relative_to(REPO).as_posix()}\0".encode())
             h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
@@ -234,7 +235,7 @@ def venv_key(extra: str) -> str:
     """Line 1 decides what the venv holds (the install command, the declared dependencies): when it
     changes the venv is made anew. Line 2 is our code: when only it changes, the same install
     command is run again in the venv, as a user upgrades a board (pip reinstalls a local project)."""
-    pyproject = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
+    pyproject = hashlib.sha256((REPO / "runtime" / "pyproject.toml").read_bytes()).hexdigest()
     return f"{' '.join(device_install(extra))} pyproject {pyproject}\nsources {sources_sha256()}\n"
 
 
@@ -295,7 +296,7 @@ def build_board_venvs(root: Path, log: Log, names: Iterable[str] = tuple(BOARD_V
     return paths
 
 
-def build_x86_venv(log: Log, extra: str = "device") -> Path:
+def build_x86_venv(log: Log, extra: str = "litert") -> Path:
     """The same device install on this host, with Debian's python3 as on the board."""
     venv = CACHE / "x86-device-venv"
     stamp = venv / ".edgeslim-venv"
@@ -334,7 +335,7 @@ def venv_sizes(venv: Path) -> Dict[str, int]:
     site = next(venv.glob("lib/python3*/site-packages"), None)
     if site is None:
         raise BoardError(f"{venv} has no site-packages")
-    own = [site / p for p in OWN_CODE if (site / p).exists()] + sorted(site.glob("edgeslim-*.dist-info"))
+    own = [site / p for p in OWN_CODE if (site / p).exists()] + sorted(site.glob("edgeslim*.dist-info"))
     sizes = {"venv": du_bytes(venv), "own_code": sum(du_bytes(p) for p in own)}
     for entry in sorted(site.iterdir()):
         if entry.is_dir() and not entry.name.endswith((".dist-info", "__pycache__")) and entry.name not in OWN_CODE:
