@@ -217,7 +217,9 @@ class Pruner:
         device = _device_of(self.model)
         batch = (check_input if check_input is not None else self.example_input).to(device)
         self._slim = cut(self.model, self.groups, masks, batch)
-        self.extraction = {"epoch_step": None if self.seed_pruner is None else self.seed_pruner.steps}
+        # the masked-vs-cut comparison surgery.extract made on `batch` (surgery.check_extraction)
+        self.extraction = {"epoch_step": None if self.seed_pruner is None else self.seed_pruner.steps,
+                           "check": getattr(self._slim, "extraction_check", None)}
         return self._slim
 
     def resources(self) -> Optional[tuple[int, int]]:

@@ -182,6 +182,9 @@ def test_seed_knobs_are_settable_and_recorded(tmp_path: Path, small_cifar_dir: P
     assert report["config"]["prune_ramp"] == 0.2 and report["config"]["soft_masks"] is True
     # the cut waits a full epoch after the last mask change
     assert report["pruning"]["extraction"]["epoch_step"] - seed["last_change_step"] >= steps
+    # and the cut was proven equal to the masked network on a training batch
+    check = report["pruning"]["extraction"]["check"]
+    assert check["relative_diff"] <= check["rtol"] and check["samples"] > 0
     assert phases_of(out) == ["seed", "seed", "seed", "compact"]   # cut at step 12 + 6 = the end of epoch 3
     code = report["code"]
     assert code["version"] and (code["commit"] is None or len(code["commit"]) == 40)
