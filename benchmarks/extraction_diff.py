@@ -72,7 +72,7 @@ def measure(models, widths, reductions, seeds, batch) -> dict:
             cost = ResourceModel(model, groups, x[:1])
             for reduction in reductions:
                 for seed in range(seeds):
-                    masks = select(random_scores(groups, seed), cost, "flops", reduction, 1)
+                    masks = select(random_scores(groups, seed), cost, "flops", reduction, 1e-9)  # >= 1 channel a group
                     record = check_extraction(model, extract(model, groups, masks), groups, masks, x)
                     rows.append({"model": name, "width": width, "reduction": reduction, "seed": seed, **record})
                     print(f"{name} width {width} reduction {reduction} seed {seed}: relative diff "

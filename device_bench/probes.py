@@ -285,7 +285,7 @@ def export_module(module, channels: int, hw: Sequence[int], fmt: str, out: Path,
     check_layout=False: a TRANSPOSE is allowed (probe batches; their cut files are checked)."""
     import torch
 
-    from export.formats import FORMATS, CalibrationReader, prepare_for_quantization, quantize_onnx_qdq
+    from export.formats import FORMATS, CalibrationReader, prepare_for_quantization, write_onnx_qdq
 
     example = torch.randn(1, channels, int(hw[0]), int(hw[1]))
     program = torch.export.export(module, (example,))
@@ -295,7 +295,7 @@ def export_module(module, channels: int, hw: Sequence[int], fmt: str, out: Path,
         from onnxruntime.quantization import CalibrationMethod
 
         prepared = prepare_for_quantization(ctx.fp32_onnx(), scratch)
-        quantize_onnx_qdq(prepared, out, CalibrationReader(ctx, "input", 8), CalibrationMethod.MinMax)
+        write_onnx_qdq(prepared, out, CalibrationReader(ctx, "input", 8), CalibrationMethod.MinMax)
     else:
         FORMATS[fmt].build(ctx, out)
 

@@ -132,7 +132,7 @@ def build_onnx_int8(ctx: Context, out: Path) -> dict:
     best = None
     for method in (CalibrationMethod.MinMax, CalibrationMethod.Percentile, CalibrationMethod.Entropy):
         candidate = own_folder(ctx.scratch / f"int8_{method.name}") / "model_int8.onnx"
-        quantize_onnx_qdq(prepared, candidate, CalibrationReader(ctx, "input", n), method)
+        write_onnx_qdq(prepared, candidate, CalibrationReader(ctx, "input", n), method)
         tried[method.name] = ctx.calib_top1("onnx-int8", candidate)
         if best is None or tried[method.name] > tried[best.name]:
             best = method
@@ -152,7 +152,7 @@ def prepare_for_quantization(fp32: Path, scratch: Path) -> Path:
     return prepared
 
 
-def quantize_onnx_qdq(prepared: Path, out: Path, reader, method) -> None:
+def write_onnx_qdq(prepared: Path, out: Path, reader, method) -> None:
     """The int8 ONNX recipe (also used for device_bench's latency probes): static QDQ, int8
     activations, per-channel int8 weights, calibrated with `method` on `reader`'s batches."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
