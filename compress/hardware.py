@@ -13,6 +13,7 @@ that call; `--bf16` / `--no-bf16` always win.
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -50,9 +51,11 @@ def choose_bf16(device: str, requested: Optional[bool]) -> tuple[bool, str]:
 
 
 def training_throughput(model, input_chw: tuple, batch_size: int, bf16: bool, channels_last: bool = True,
-                        steps: int = 4, device: str = "cpu") -> float:
-    """Training images per second of `model` (forward, backward, SGD step) on random data, after one
-    untimed warm-up step. A few steps: an estimate to size work by, not a benchmark."""
+                        steps: int = 4, device: str = "cpu", warmup: int = 2) -> float:
+    """Training images per second of `model` (forward, backward, SGD step) on random data: the median
+    of `steps` timed steps after `warmup` untimed ones (oneDNN builds its kernels on the first steps;
+    the median ignores a step stalled by other work on a shared host). An estimate to size work by,
+    not a benchmark."""
     import copy
     from contextlib import nullcontext
 
@@ -71,13 +74,14 @@ def training_throughput(model, input_chw: tuple, batch_size: int, bf16: bool, ch
     y = torch.randint(0, classes, (batch_size,), device=device)
     ctx = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if bf16 else nullcontext
     loss_fn = nn.CrossEntropyLoss()
-    started = None
-    for i in range(steps + 1):
-        if i == 1:
-            started = time.perf_counter()
+    times = []
+    for i in range(warmup + steps):
+        started = time.perf_counter()
         with ctx():
             loss = loss_fn(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return steps * batch_size / (time.perf_counter() - started)
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return batch_size / statistics.median(times)
