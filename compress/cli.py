@@ -185,8 +185,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--prune-budget-init", choices=BUDGET_INIT, help="seed: the layer budgets while the target ramps in: "
                                                         "global (rank channels across layers) or uniform (every "
                                                         f"layer the same share) (default {_SEED.budget_init})")
-    _bool_flag(p, "soft-masks", "seed: switched-off channels fade out linearly until the masks are final, "
-                                "instead of dropping to 0 at once (default off)")
+    _bool_flag(p, "soft-masks", "seed: switched-off channels fade out linearly until the masks are final; "
+                                f"--no-soft-masks drops them to 0 at once (default {'on' if SCHEDULE['soft'] else 'off'})")
     a("--slimming-lambda", type=float, help="slimming: L1 strength on BN scales (default 1e-4)")
     a("--taylor-batches", type=int, help="taylor: batches to accumulate the criterion over (default 64)")
     a("--min-keep", type=float, help="every group keeps at least this share of its channels (default 0.1)")

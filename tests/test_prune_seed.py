@@ -151,8 +151,9 @@ def test_resume_gives_identical_masks():
 
 def test_freeze_and_for_run_defaults():
     config = SeedConfig.for_run("flops", 0.5, epochs=40, steps_per_epoch=10)
-    assert config.warmup_steps == 20 and config.redistribute_every == 10 and config.freeze_at == 300
-    assert config.settle_steps == 10 and config.extract_epoch(10) == 31
+    assert config.warmup_steps == 20 and config.ramp_steps == 60 and config.redistribute_every == 10
+    assert config.freeze_at == 100 and config.settle_steps == 10 and config.extract_epoch(10) == 11
+    assert config.soft and not SeedConfig.for_run("flops", 0.5, 40, 10, soft=False).soft
     # 30 epochs: the warm-up is 5 % of the steps, 1.5 epochs (BENCHMARKS.md says the same)
     config = SeedConfig.for_run("flops", 0.5, epochs=30, steps_per_epoch=195)
     assert config.warmup_steps == round(0.05 * 30 * 195) == 292
@@ -203,7 +204,8 @@ def test_no_mask_change_within_the_settle_period_before_the_cut(epochs, steps, s
     for _ in range(cut):
         if pruner.step({g.name: torch.rand(g.size, generator=gen) for g in groups}) is not None:
             changes.append(pruner.steps)
-    assert changes and pruner.last_change == changes[-1]
+    # (with soft masks, the default, the pruner also answers when only the fade moves, up to the freeze)
+    assert changes and pruner.last_change <= changes[-1] <= config.freeze_at
     assert cut - changes[-1] >= config.settle_steps
 
 
