@@ -118,9 +118,9 @@ def test_unreachable_budget_and_foreign_tables_fail_before_training(table_path):
     with pytest.raises(UserError, match="not below the dense network's predicted"):
         compress.Pruner(tiny_resnet(), EXAMPLE, "latency=1000ms", "l1", latency_table=str(table_path))
     with pytest.raises(UserError, match="does not fit this network"):       # another model
-        compress.Pruner(create_model("vgg11", 10, 0.25), torch.zeros(2, 3, 16, 16), "latency=1ms", "l1",
+        compress.Pruner(create_model("resnet20", 10, 0.25), torch.zeros(2, 3, 16, 16), "latency=1ms", "l1",
                         latency_table=str(table_path))
-    with pytest.raises(UserError, match="is for another network .* 8 channels here"):   # another width
+    with pytest.raises(UserError, match="is for another network .* 16 channels there, 8 here"):   # another width
         compress.Pruner(tiny_resnet(10, 0.5), EXAMPLE, "latency=1ms", "l1", latency_table=str(table_path))
     with pytest.raises(UserError, match=r"profiled for input \[3, 16, 16\], this network takes \[3, 32, 32\]"):
         compress.Pruner(tiny_resnet(), torch.zeros(2, 3, 32, 32), "latency=1ms", "l1", latency_table=str(table_path))
@@ -131,7 +131,7 @@ def test_unreachable_budget_and_foreign_tables_fail_before_training(table_path):
     with pytest.raises(UserError, match="give both"):
         compress.Pruner(tiny_resnet(), EXAMPLE, "flops=0.5", "l1", latency_table=str(table_path))
     with pytest.raises(UserError, match="drop --round-to"):
-        compress.Pruner(tiny_resnet(), EXAMPLE, "latency=1ms", "l1", latency_table=str(table_path), round_to=8)
+        compress.Pruner(tiny_resnet(), EXAMPLE, "latency=0.02ms", "l1", latency_table=str(table_path), round_to=8)
 
 
 # ----------------------------------------------------------------------------- the CLI
