@@ -215,6 +215,10 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
         init_weights(model)
         return Plan(model, [Phase("train", cfg.epochs)], [], count(dense, input_shape), target or seed_target)
 
+    latency = dict(latency_table=cfg.latency_table, format=cfg.latency_format, threads=cfg.latency_threads) \
+        if cfg.latency_table else {}
+    if latency:   # a table for another model is refused by name before anything is built on it
+        _check_table_model(cfg.latency_table, cfg.model, num_classes, cfg.width)
     model = build_model(cfg.model, num_classes, cfg.width)
     if cfg.init:
         _load_init(model, cfg.init)
@@ -222,10 +226,6 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
     if method == "none":
         return Plan(model, [Phase("train", cfg.epochs)], [], dense_counts, None,
                     dense_top1=lambda log: _last_test_top1(log, "train"))
-    latency = dict(latency_table=cfg.latency_table, format=cfg.latency_format, threads=cfg.latency_threads) \
-        if cfg.latency_table else {}
-    if latency:   # a table for another model is refused by name before anything is built on it
-        _check_table_model(cfg.latency_table, cfg.model, num_classes, cfg.width)
     if method == "uniform":
         slim, target = uniform_model(model, example, target, cfg, **latency)
         return Plan(slim, [Phase("train", cfg.epochs)], [], dense_counts, target)

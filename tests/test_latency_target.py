@@ -152,7 +152,7 @@ def tiny16(data: Path, *extra: str) -> list[str]:
             "--test-subset", "128", "--calib", "32", "--batch-size", "32", "--no-progress", *extra]
 
 
-@pytest.mark.parametrize("method, target", [("seed", "latency={}ms"), ("l1", "latency={}ms,flops=0.3"),
+@pytest.mark.parametrize("method, target", [("seed", "latency={}ms"), ("l1", "latency={}ms,flops=0.7"),
                                             ("uniform", "latency={}ms")])
 def test_cli_prunes_to_a_latency_budget(method, target, table_path, data16, tmp_path, capsys):
     from compress.cli import main
@@ -169,7 +169,7 @@ def test_cli_prunes_to_a_latency_budget(method, target, table_path, data16, tmp_
     assert lat["predicted_ms"] <= budget and lat["within_budget"] and lat["dense_predicted_ms"] > budget
     assert report["target"]["metric"] == "latency" and report["achieved"]["latency_ms"] == lat["predicted_ms"]
     if method == "l1":
-        assert report["achieved"]["flops_reduction"] >= 0.3 - 1e-9
+        assert 0.7 <= report["achieved"]["flops_reduction"] <= 0.71   # FLOPs bind here, latency is under
     # the cut network's widths sit on the table's steps
     arch = json.loads((out / "arch.json").read_text())
     steps = dict(zip(cost.names, cost.latency.step_counts()))
