@@ -194,7 +194,7 @@ def test_target_text():
     from compress.prune.targets import parse_target, target_dict
     assert parse_target(" FLOPS=0.760 ") == "flops=0.76"
     assert target_dict("flops=0.76,params=0.92") == {"metric": "flops", "reduction": 0.76, "also": {"params": 0.92}}
-    for bad, message in [("latency=3", "expected flops=R"), ("flops=1.2", "strictly between"),
+    for bad, message in [("speed=3", "expected flops=R"), ("flops=1.2", "strictly between"),
                          ("flops=0.5,flops=0.6", "twice"), ("flops=x", "not a number"), ("flops", "expected")]:
         with pytest.raises(UserError, match=message):
             parse_target(bad)
