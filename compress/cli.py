@@ -525,7 +525,7 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
     publish(work, out)
     lat = summary.get("latency") or {}
     predicted = "" if lat.get("predicted_ms") is None else \
-        f", predicted {lat['predicted_ms']:.3f} ms (budget {lat['budget_ms']:g} ms, dense {lat['dense_predicted_ms']:.3f} ms)"
+        f", predicted {lat['predicted_ms']:.4g} ms (budget {lat['budget_ms']:g} ms, dense {lat['dense_predicted_ms']:.4g} ms)"
     print(f"wrote {out}: top1 {slim_top1:.4f}, flops {summary['slim']['flops'] / 1e6:.2f}M "
           f"(-{summary['achieved']['flops_reduction']:.1%}), params {summary['slim']['params'] / 1e6:.3f}M "
           f"(-{summary['achieved']['params_reduction']:.1%}){predicted}")

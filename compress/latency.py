@@ -46,8 +46,9 @@ def open_table(path, format: Optional[str] = None, threads: Optional[int] = None
     if default:
         return table, default[0]
     if not fits:
-        asked = " x".join(str(v) for v in (format, threads) if v is not None)
-        raise UserError(f"{table.path} has no entry for {asked} (it has: {have})")
+        asked = f"--format {format}" if threads is None else (f"--threads {threads}" if format is None else "")
+        raise UserError(f"{table.path} has no entry for {asked} (it has: {have}); profile it with "
+                        f"python -m device_bench profile")
     raise UserError(f"{table.path} has several entries ({have}): name one with --format and --threads")
 
 

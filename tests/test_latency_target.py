@@ -179,7 +179,7 @@ def test_cli_prunes_to_a_latency_budget(method, target, table_path, data16, tmp_
 
 @pytest.mark.parametrize("extra, message", [
     (("--target", "latency=0.0001ms"), "latency budget 0.0001 ms is unreachable"),
-    (("--target", "latency=1ms", "--format", "tflite-int8"), "no entry for tflite-int8 (it has: tflite x1)"),
+    (("--target", "latency=1ms", "--format", "tflite-int8"), "no entry for --format tflite-int8 (it has: tflite x1)"),
     (("--target", "latency=1ms", "--model", "vgg11"), "is for model 'tests.latency_fixture:tiny_resnet', not 'vgg11'"),
     (("--target", "flops=0.5"), "--latency-table prices a latency budget"),
     (("--target", "latency=1ms", "--latency-table", "missing.json"), "latency table not found"),

@@ -108,6 +108,8 @@ def test_invalid_target(bad):
 def test_invalid_metric_and_min_keep():
     groups, cost = prepared("concat")
     with pytest.raises(UserError, match="metric"):
+        select(random_scores(groups, 0), cost, "speed", 0.5, 0.1)
+    with pytest.raises(UserError, match="needs a latency table"):
         select(random_scores(groups, 0), cost, "latency", 0.5, 0.1)
     for bad in (0, -1, 0.0, 1.5, 2, 4, "2", True):   # a share, not a channel count: 2 used to mean 2 channels
         with pytest.raises(UserError, match="min_keep"):
