@@ -81,6 +81,25 @@ def test_greedy_hits_the_budget_on_step_widths(table_path):
         assert ms == pytest.approx(entry.predict_keep({g.name: int(v) for g, v in zip(groups, k)}))
 
 
+def test_learned_rounding_on_a_tiled_runtime(table_path, tmp_path):
+    """The same table as if the runtime padded input channels to tiles of 8 (as int8 GEMMs on ARM
+    do): every group then keeps a multiple of 8 (or all its channels), the budget still holds."""
+    from compress.prune.budget import select
+    raw = json.loads(table_path.read_text())
+    raw["entries"][0]["axes"]["in"] = {"flat": [[1, 8], [9, 16], [17, 24], [25, 32]], "sweep_max": 32,
+                                       "period": 8, "last_top": 32}
+    tiled = tmp_path / "tiled.json"
+    tiled.write_text(json.dumps(raw))
+    _, groups, cost = cost_with_table(tiled)
+    assert [s.tolist() for s in cost.latency.step_counts()] == [[8, 16], [8, 16], [16, 24, 32]]
+    scores = {g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(1)) for g in groups}
+    for share in (0.3, 0.6):
+        budget = budget_between(cost, share)
+        k = cost.vector(select(scores, cost, "latency", 1 - budget / cost.dense("latency"), 0.1))
+        assert cost.resource("latency", k) <= budget * (1 + 1e-9)
+        assert all(v % 8 == 0 for v in k), k
+
+
 def test_joint_latency_and_flops(table_path):
     from compress.prune.budget import achieved, select
     model, groups, cost = cost_with_table(table_path)
