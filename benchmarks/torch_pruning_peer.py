@@ -35,10 +35,11 @@ from torch import nn  # noqa: E402
 
 from compress import cli as compress_cli  # noqa: E402
 from compress import report  # noqa: E402
+from compress.api import check_reachable  # noqa: E402
 from compress.data import load_dataset  # noqa: E402
 from compress.errors import UserError  # noqa: E402
 from compress.flops import count  # noqa: E402
-from compress.methods import _load_init, check_reachable, split_epochs  # noqa: E402
+from compress.methods import _load_init, split_epochs  # noqa: E402
 from compress.models import build_model  # noqa: E402
 from compress.prune.cost import ResourceModel  # noqa: E402
 from compress.prune.graph import find_groups  # noqa: E402

@@ -28,6 +28,10 @@ Methods (the same names as the CLI's `--method`):
 * "l1", "random" — one-shot: `Pruner(...).extract()` right away scores (filter L1 norm; a seeded
   random draw) and cuts.
 * Targets: "flops=R", "params=R", or both ("flops=0.76,params=0.92": both met, each within 1 pp).
+  "latency=1.2ms" with `latency_table="tables/net-pi4.json"` (and `format=`, `threads=` to pick
+  the table's entry; default its only one, else tflite-int8 x1): the predicted latency at or under
+  the budget, widths on the table's step widths (docs/latency-table.md); joint with flops/params
+  too ("latency=1.2ms,flops=0.5"). `predicted_ms()` is the table's prediction for the masks.
 * Any one-shot method takes `widths={group: channels}` instead of a target: keep exactly that many
   top-scoring channels per named group (e.g. the widths another run found).
 * "slimming" — construct it at the start of dense training; `step()` adds Network Slimming's L1
@@ -51,6 +55,7 @@ import torch
 from torch import nn
 
 from compress.errors import UserError
+from compress.latency import open_table, resolve
 from compress.prune import importance
 from compress.prune.budget import max_reduction, select
 from compress.prune.cost import ResourceModel
@@ -66,7 +71,13 @@ Reduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 def check_reachable(cost: ResourceModel, metric: str, reduction: float, min_keep: float, round_to: int = 1) -> None:
     best = max_reduction(cost, metric, min_keep, round_to)
-    if reduction > best - 0.005:
+    if metric == "latency" and reduction > best:
+        dense = cost.dense("latency")
+        raise UserError(f"latency budget {dense * (1 - reduction):.4g} ms is unreachable for this model: keeping "
+                        f"only --min-keep {min_keep:g} of every prunable group (rounded up to the latency table's "
+                        f"steps) it is predicted at {dense * (1 - best):.4g} ms at the fastest (dense "
+                        f"{dense:.4g} ms); raise the budget or lower --min-keep")
+    if metric != "latency" and reduction > best - 0.005:
         rounded = f" rounded up to multiples of --round-to {round_to}" if round_to > 1 else ""
         raise UserError(f"target {metric}={reduction:g} is unreachable for this model: keeping only "
                         f"--min-keep {min_keep:g} of every prunable group{rounded} removes {best:.1%} of the "
@@ -78,15 +89,21 @@ class Pruner:
                  method: str = "seed", *, widths: Optional[Mapping[str, int]] = None, epochs: Optional[int] = None, steps_per_epoch: Optional[int] = None,
                  min_keep: float = 0.1, round_to: int = 1, cost_power: float = 0.0, ignore: Sequence[str] = (),
                  seed: int = 0, slimming_lambda: float = 1e-4, groups: Optional[list[ChannelGroup]] = None,
+                 latency_table=None, format: Optional[str] = None, threads: Optional[int] = None,
                  **seed_options):
         if method not in METHODS:
             raise UserError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
         if method != "seed" and seed_options:
             raise UserError(f"{', '.join(sorted(seed_options))}: options of the seed method, not of {method}")
         if (target is None) == (widths is None) or (widths is not None and method == "seed"):
-            raise UserError("give a pruner either a target (flops=R / params=R) or, for a one-shot method, widths=")
+            raise UserError("give a pruner either a target (flops=R / params=R / latency=Xms) or, for a one-shot "
+                            "method, widths=")
         self.model, self.method = model, method
         self.target = None if target is None else target_dict(target)
+        latency = self.target is not None and self.target["metric"] == "latency"
+        if latency != (latency_table is not None):
+            raise UserError("a latency target (latency=Xms) is priced with a latency table: give both, "
+                            "--target latency=... and --latency-table FILE (target=, latency_table=)")
         self.widths = None if widths is None else {str(k): int(v) for k, v in widths.items()}
         self.min_keep, self.round_to, self.cost_power, self.seed = min_keep, round_to, cost_power, seed
         self.slimming_lambda = slimming_lambda
@@ -95,13 +112,15 @@ class Pruner:
         self.groups = groups if groups is not None else find_groups(model, self.example_input, ignore)
         self.cost = ResourceModel(model, self.groups, self.example_input)
         model.train(was_training)
+        if latency:
+            self.target = self._price_latency(latency_table, format, threads)
         if self.target is not None:
             for metric, reduction in _all(self.target).items():
                 check_reachable(self.cost, metric, reduction, min_keep, round_to)
-            if self.target.get("also"):   # can the widths hit both at once? Find out now, not after training
+            if self.target.get("also") or latency:   # can the widths hit it? Find out now, not after training
                 trial = {g.name: -torch.arange(g.size, dtype=torch.float32) for g in self.groups}
                 select(trial, self.cost, self.target["metric"], self.target["reduction"], min_keep,
-                       cost_power=cost_power, round_to=round_to, also=self.target["also"])
+                       cost_power=cost_power, round_to=round_to, also=self.target.get("also"))
         else:
             _check_widths(self.groups, self.widths)
         self.seed_pruner: Optional[SeedPruner] = None
@@ -124,6 +143,24 @@ class Pruner:
             self._attach()
         if method == "slimming":
             self._gammas = _bn_scales(model, self.groups)
+
+    def _price_latency(self, path, format: Optional[str], threads: Optional[int]) -> dict:
+        """Attach the table's entry to the cost model; the target with its reduction resolved."""
+        table, entry = open_table(path, format, threads)
+        want = list(table.model.get("input") or [])[1:]
+        have = list(self.example_input.shape[1:])
+        if want and want != have:
+            raise UserError(f"latency table {table.path.name} was profiled for input {want}, this network takes "
+                            f"{have}: profile it at this size (python -m device_bench profile --input-size)")
+        self.cost.attach_latency(entry)
+        return resolve(self.target, table, entry)
+
+    def predicted_ms(self, masks: Optional[Mapping[str, torch.Tensor]] = None) -> Optional[float]:
+        """With a latency target: the table's prediction (ms) for `masks` (default: the masks the
+        network would be cut with now)."""
+        if self.cost.latency is None:
+            return None
+        return float(self.cost.resource("latency", self.masks if masks is None else masks))
 
     # ------------------------------------------------------------------ the loop
 

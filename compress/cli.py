@@ -1,6 +1,7 @@
-"""`python -m compress`: train and prune a network to a FLOPs/params target, write a run folder.
+"""`python -m compress`: train and prune a network to a FLOPs/params/latency target, write a run folder.
 
     python -m compress --model vgg16 --dataset cifar10 --target flops=0.76 --method seed --out runs/vgg16-f76
+    python -m compress --model vgg16 --target latency=12ms --latency-table tables/vgg16-pi4.json --out runs/v16-12ms
     python -m compress --model resnet56 --target params=0.5 --preset cpu --out runs/r56-p50
     python -m compress --method none --model vgg16 --out runs/vgg16-dense
     python -m compress --out runs/vgg16-f76 --resume           # continue a killed run
@@ -47,7 +48,10 @@ class RunConfig:
     dataset: str = "cifar10"
     data_dir: Optional[str] = None
     image_size: Optional[int] = None         # image folders: resize every image to this square size
-    target: Optional[str] = None             # "flops=0.76" | "params=0.5" | None (method none)
+    target: Optional[str] = None             # "flops=0.76" | "params=0.5" | "latency=1.2ms" | None (method none)
+    latency_table: Optional[str] = None      # latency=...: the table (device_bench profile) pricing the budget
+    latency_format: Optional[str] = None     # its entry: tflite, tflite-int8, onnx, ... (None: its only one / tflite-int8)
+    latency_threads: Optional[int] = None    # its entry's interpreter threads (None: its only one / 1)
     method: str = "seed"
     preset: str = DEFAULT_PRESET
     epochs: int = 30
@@ -107,7 +111,7 @@ class RunConfig:
 
     @property
     def target_reduction(self) -> Optional[float]:
-        return None if self.target is None else self.target_spec["reduction"]
+        return None if self.target is None else self.target_spec.get("reduction")   # None: a latency budget
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,7 +147,14 @@ def make_parser() -> argparse.ArgumentParser:
     a("--image-size", type=int, help="image folders: resize every image to SIZE x SIZE (default: the first "
                                      "image's size; cifar10 is 32)")
     a("--target", help="flops=R or params=R: the reduction to reach, 0<R<1; or both, flops=R,params=S "
-                        "(both met, each within 1 pp); not for --method none")
+                        "(both met, each within 1 pp); latency=Xms: a budget in ms on the board of --latency-table "
+                        "(joint too: latency=1.2ms,flops=0.5); not for --method none")
+    a("--latency-table", help="latency=Xms: the latency table (python -m device_bench profile) that prices the "
+                              "budget and sets the widths worth keeping")
+    a("--format", dest="latency_format", help="latency=Xms: the table entry's format, e.g. tflite-int8 (default: "
+                                              "the table's only one, else tflite-int8)")
+    a("--threads", dest="latency_threads", type=int, help="latency=Xms: the table entry's interpreter threads "
+                                                           "(default: the table's only one, else 1)")
     a("--method", choices=None, help=f"one of {', '.join(METHODS)} (default seed)")
     a("--preset", help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET}); explicit flags override it")
     a("--epochs", type=int, help="total epoch budget, all phases included")
@@ -251,7 +262,18 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"--method {cfg.method} takes its widths, and so its target, from --widths-from: "
                             f"drop --target")
     elif cfg.method != "none" and cfg.target is None:
-        raise UserError(f"--method {cfg.method} needs --target flops=R or params=R")
+        raise UserError(f"--method {cfg.method} needs --target flops=R, params=R or latency=Xms")
+    latency = cfg.target is not None and cfg.target.startswith("latency=")
+    if latency and not cfg.latency_table:
+        raise UserError(f"--target {cfg.target} needs --latency-table FILE (python -m device_bench profile makes one)")
+    if not latency and (cfg.latency_table or cfg.latency_format or cfg.latency_threads is not None):
+        given = "--latency-table" if cfg.latency_table else ("--format" if cfg.latency_format else "--threads")
+        raise UserError(f"{given} prices a latency budget: give --target latency=Xms too")
+    if cfg.latency_threads is not None and cfg.latency_threads < 1:
+        raise UserError(f"--threads must be at least 1, got {cfg.latency_threads}")
+    if latency:   # the table and its entry, checked now rather than after loading the data
+        from compress.latency import open_table
+        open_table(cfg.latency_table, cfg.latency_format, cfg.latency_threads)
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "calib": cfg.calib,
                 "eval_every": cfg.eval_every, "taylor_batches": cfg.taylor_batches}
     for name, v in positive.items():
@@ -501,9 +523,12 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
         epochs=cfg.epochs, seconds=trainer.seconds, wall_seconds=time.time() - started,
         config=config_as_dict(cfg), calib=cfg.calib, seed=cfg.seed, pruning=plan.pruning())
     publish(work, out)
+    lat = summary.get("latency") or {}
+    predicted = "" if lat.get("predicted_ms") is None else \
+        f", predicted {lat['predicted_ms']:.4g} ms (budget {lat['budget_ms']:g} ms, dense {lat['dense_predicted_ms']:.4g} ms)"
     print(f"wrote {out}: top1 {slim_top1:.4f}, flops {summary['slim']['flops'] / 1e6:.2f}M "
           f"(-{summary['achieved']['flops_reduction']:.1%}), params {summary['slim']['params'] / 1e6:.3f}M "
-          f"(-{summary['achieved']['params_reduction']:.1%})")
+          f"(-{summary['achieved']['params_reduction']:.1%}){predicted}")
 
 
 def choose_precision_and_size(cfg: RunConfig, data, num_classes: int, input_shape: tuple, device: str) -> None:

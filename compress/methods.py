@@ -35,12 +35,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from compress.api import Pruner, check_reachable
+from compress.api import Pruner
 from compress.errors import UserError
 from compress.flops import Counts, count
 from compress.models import build_model, init_weights
 from compress.prune.budget import positional_scores, select
-from compress.prune.cost import ResourceModel
 from compress.prune.graph import ChannelGroup, find_groups
 from compress.prune.surgery import extract, rebuild
 from compress.train import Callback, Phase, Trainer, steps_per_epoch
@@ -216,6 +215,10 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
         init_weights(model)
         return Plan(model, [Phase("train", cfg.epochs)], [], count(dense, input_shape), target or seed_target)
 
+    latency = dict(latency_table=cfg.latency_table, format=cfg.latency_format, threads=cfg.latency_threads) \
+        if cfg.latency_table else {}
+    if latency:   # a table for another model is refused by name before anything is built on it
+        _check_table_model(cfg.latency_table, cfg.model, num_classes, cfg.width)
     model = build_model(cfg.model, num_classes, cfg.width)
     if cfg.init:
         _load_init(model, cfg.init)
@@ -224,10 +227,10 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
         return Plan(model, [Phase("train", cfg.epochs)], [], dense_counts, None,
                     dense_top1=lambda log: _last_test_top1(log, "train"))
     if method == "uniform":
-        return Plan(uniform_model(model, example, target, cfg), [Phase("train", cfg.epochs)], [], dense_counts,
-                    target)
+        slim, target = uniform_model(model, example, target, cfg, **latency)
+        return Plan(slim, [Phase("train", cfg.epochs)], [], dense_counts, target)
     common = dict(min_keep=cfg.min_keep, round_to=cfg.round_to, cost_power=cfg.cost_power, ignore=cfg.ignore,
-                  seed=cfg.seed)
+                  seed=cfg.seed, **latency)
 
     if method == "seed":
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -236,6 +239,7 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
         pruner = Pruner(model, example, target, "seed", epochs=prune_epochs, steps_per_epoch=steps, **common,
                         **seed_options(cfg))
         cut = pruner.extract_epoch
+        target = pruner.target   # a latency budget with its reduction and table resolved
         callback = PruneCallback(lambda trainer: pruner, cut - 1, one_shot=False, pruner=pruner)
         # One learning-rate cycle over the prune epochs, whether the network is masked or already cut.
         phases = [Phase("seed", cut, cycle_epochs=prune_epochs)]
@@ -262,6 +266,7 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
 
     # Built now: slimming needs every dense step, and every method checks its target before training.
     pruner = Pruner(model, example, None if widths else target, kind, widths=widths, **options)
+    target = pruner.target or target
     if method == "taylor":
         pruner.masker.remove()   # its hooks would slow every dense step: it is rebuilt at the cut
         pruner = None
@@ -280,23 +285,39 @@ def seed_options(cfg) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def uniform_model(model: nn.Module, example: torch.Tensor, target: dict, cfg) -> nn.Module:
-    """`model` with every prunable group thinned by the same share, freshly initialised.
+def _check_table_model(path: str, spec: str, num_classes: int, width: float) -> None:
+    """UserError when the latency table at `path` was profiled for another model."""
+    from device_bench.latency_table import TableError, load_table
+    try:
+        table = load_table(path)
+        table.check_model(spec, num_classes)
+    except TableError as e:
+        raise UserError(str(e)) from None
+    if table.model.get("width") not in (None, float(width)):
+        raise UserError(f"latency table {table.path.name} is for {spec} at width {table.model['width']:g}, "
+                        f"not {width:g}")
+
+
+def uniform_model(model: nn.Module, example: torch.Tensor, target: dict, cfg,
+                  **latency) -> tuple[nn.Module, dict]:
+    """`model` with every prunable group thinned by the same share, freshly initialised, and the
+    target (a latency budget resolved against its table, `latency`: Pruner's latency_table/format/threads).
 
     The share is found by the budgeted selection itself: each channel scores by its position in its
     group (the first channels score highest), so the greedy removes the highest relative position
     across all groups first, i.e. thins every group at the same rate, and stops at the target (one
     width multiplier; the slack under the target is filled a channel at a time, so widths differ from
     the common share by at most a channel or a --round-to step)."""
-    groups = find_groups(model, example, cfg.ignore)
-    cost = ResourceModel(model, groups, example)
-    for metric, reduction in {target["metric"]: target["reduction"], **target.get("also", {})}.items():
-        check_reachable(cost, metric, reduction, cfg.min_keep, cfg.round_to)
+    # The Pruner checks the target (and prices a latency budget) as for every method; the widths
+    # then come from positional scores, not from a criterion.
+    pruner = Pruner(model, example, target, "random", min_keep=cfg.min_keep, round_to=cfg.round_to,
+                    ignore=cfg.ignore, **latency)
+    target, cost = pruner.target, pruner.cost
     masks = select(positional_scores(cost), cost, target["metric"], target["reduction"], cfg.min_keep, round_to=cfg.round_to,
                    also=target.get("also"))
-    slim = extract(model, groups, masks, example)
+    slim = extract(model, pruner.groups, masks, example)
     init_weights(slim)
-    return slim
+    return slim, target
 
 
 def widths_from_arch(groups: list[ChannelGroup], arch: dict) -> dict[str, int]:

@@ -102,7 +102,9 @@ def write_run_folder(work: Path, slim: nn.Module, *, name: str, method: str, dat
     """Everything but train_log.csv/checkpoint.pt, into `work`; returns report.json's content.
     The FLOPs/params are compress.flops.count's on the extracted network."""
     from compress.flops import count
+    from compress.latency import latency_report
     from compress.provenance import code_version
+    from compress.prune.targets import budget_text
 
     hw = tuple(data.x_train.shape[1:3])
     channels = int(data.x_train.shape[3])
@@ -111,8 +113,17 @@ def write_run_folder(work: Path, slim: nn.Module, *, name: str, method: str, dat
     layers = layer_widths(dense_counts, slim_counts)
     achieved = {"flops_reduction": 1 - slim_counts.flops / dense_counts.flops,
                 "params_reduction": 1 - slim_counts.params / dense_counts.params}
+    latency = latency_report(target, arch)
+    if latency is not None and latency["predicted_ms"] is not None:
+        achieved["latency_ms"] = latency["predicted_ms"]
+        achieved["latency_reduction"] = 1 - latency["predicted_ms"] / latency["dense_predicted_ms"]
+        if not latency["within_budget"]:
+            print(f"warning: the slim network is predicted at {latency['predicted_ms']:.4g} ms, over the "
+                  f"budget of {latency['budget_ms']:g} ms", file=sys.stderr)
     if target is not None:
         for metric, reduction in {target["metric"]: target["reduction"], **target.get("also", {})}.items():
+            if f"{metric}_reduction" not in achieved or metric == "latency":
+                continue   # a latency budget is a ceiling: under it is met (checked above)
             got = achieved[f"{metric}_reduction"]
             if abs(got - reduction) > 0.01:
                 print(f"warning: achieved {metric} reduction {got:.4f} is more than 1 pp from the "
@@ -125,8 +136,7 @@ def write_run_folder(work: Path, slim: nn.Module, *, name: str, method: str, dat
     idx = np.sort(rng.choice(len(data.y_train), size=min(calib, len(data.y_train)), replace=False))
     save_arrays(work / "calib.npz", x=data.x_train[idx], y=data.y_train[idx].astype(np.int64))
     save_arrays(work / "test.npz", x=data.x_test, y=data.y_test.astype(np.int64))
-    target_text = "" if not target else ", " + ",".join(
-        f"{m}={r:g}" for m, r in {target["metric"]: target["reduction"], **target.get("also", {})}.items())
+    target_text = "" if not target else ", " + budget_text(target)
     plot_channels(layers, work / "channels.png", f"{name}: {method}, {config['model']}{target_text}")
     summary = {
         "schema": 1,
@@ -137,6 +147,7 @@ def write_run_folder(work: Path, slim: nn.Module, *, name: str, method: str, dat
         "num_classes": num_classes,
         "classes": [str(c) for c in data.classes],
         "target": target,
+        "latency": latency,
         "dense": {"flops": dense_counts.flops, "params": dense_counts.params, "top1": dense_top1},
         "slim": {"flops": slim_counts.flops, "params": slim_counts.params, "top1": slim_top1},
         "achieved": achieved,

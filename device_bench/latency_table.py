@@ -8,7 +8,8 @@ interpreter, no torch): `compress` imports it to prune to a budget in millisecon
     entry.predict(widths)                                  # ms from {layer: (in, out)}, e.g. arch.json's
     entry.layer_ms("features.3", cin, cout)                # per-layer ms, numpy-vectorised
     lat = entry.bind(group_names)                          # for a pruner: kept-count vector -> ms
-    lat.total(k); lat.removal_savings(k)                   # like compress.prune.ResourceModel
+    lat.total(k); lat.removal_savings(k); lat.change(k, step)   # like compress.prune.ResourceModel
+    lat.step_counts()                                      # per group: the kept counts worth keeping
     entry.step_widths("features.3", "out")                 # widths where removing one more channel helps
     table.check_compatible(report["device"], backend_versions)   # TableMismatch for another board
 
@@ -340,6 +341,7 @@ class GroupLatency:
         self.luts = [entry._lut(la) for la in t.layers]
         self.single = np.array([la.op not in GEMM_OPS for la in t.layers])
         self.scale, self.overhead = entry.scale, entry.overhead_ms
+        self._steps: Optional[List[np.ndarray]] = None
 
     def _lookup(self, w_in: np.ndarray, w_out: np.ndarray) -> np.ndarray:
         """Per-layer ms; w_in/w_out are (layers,) or (layers, n) integer arrays."""
@@ -361,17 +363,44 @@ class GroupLatency:
     def total(self, k: np.ndarray) -> float:
         return float(self.scale * self.layers(k).sum() + self.overhead)
 
+    def change(self, k: np.ndarray, step: np.ndarray) -> np.ndarray:
+        """ms the network changes by when group g alone goes from k[g] to k[g] + step[g], for every
+        g at once (ResourceModel.change's contract)."""
+        k = np.asarray(k, dtype=np.float64)
+        w_in, w_out = self.widths(k)
+        base = self._lookup(w_in, w_out)  # (layers,)
+        step = np.asarray(step, dtype=np.float64)[None, :]
+        after = self._lookup(w_in[:, None] + np.rint(self.a_in * step).astype(np.int64),  # (layers, groups)
+                             w_out[:, None] + np.rint(self.a_out * step).astype(np.int64))
+        return self.scale * (after - base[:, None]).sum(axis=0)
+
     def removal_savings(self, k: np.ndarray) -> np.ndarray:
         """ms saved by removing one more channel of each group, at kept counts k (0 where a group
         is at 1 channel)."""
         k = np.asarray(k, dtype=np.float64)
-        w_in, w_out = self.widths(k)
-        base = self._lookup(w_in, w_out)  # (layers,)
-        w_in_minus = w_in[:, None] - self.a_in.astype(np.int64)  # (layers, groups)
-        w_out_minus = w_out[:, None] - self.a_out.astype(np.int64)
-        after = self._lookup(w_in_minus, w_out_minus)
-        saved = self.scale * (base[:, None] - after).sum(axis=0)
-        return np.where(k > 1, saved, 0.0)
+        return np.where(k > 1, -self.change(k, -np.ones(len(k))), 0.0)
+
+    def step_counts(self) -> List[np.ndarray]:
+        """Per group, the kept counts k (ascending, the whole group last) where its conv/linear
+        layers get faster going from k + 1 to k channels, the other groups dense: the tops of the
+        plateaus, the only widths worth keeping ("learned rounding"). Single-width ops (add,
+        pools) are left out: their cost falls with every channel, by little, and would make
+        every width a step."""
+        if self._steps is not None:
+            return self._steps
+        gemm = ~self.single
+        out = []
+        for g, size in enumerate(self.sizes.astype(np.int64)):
+            counts = np.arange(1, size + 1)
+            k = np.repeat(self.sizes[:, None], size, axis=1)
+            k[g] = counts
+            w_in = np.rint(self.c_in[:, None] + self.a_in @ k).astype(np.int64)
+            w_out = np.rint(self.c_out[:, None] + self.a_out @ k).astype(np.int64)
+            ms = self._lookup(w_in, w_out)[gemm].sum(axis=0)  # (size,)
+            tops = counts[:-1][ms[1:] > ms[:-1] * (1 + 1e-9) + 1e-12]
+            out.append(np.append(tops, size).astype(np.float64))
+        self._steps = out
+        return out
 
 
 # --------------------------------------------------------------------------- the table

@@ -70,3 +70,27 @@ def bundle(request) -> Path:
     four formats). While developing, $DEVICE_BENCH_TEST_BUNDLE can name an existing bundle instead."""
     override = os.environ.get("DEVICE_BENCH_TEST_BUNDLE")
     return Path(override) if override else request.getfixturevalue("bundle_dir")
+
+
+@pytest.fixture(scope="session")
+def probe_cache(tmp_path_factory) -> Path:
+    """One probe cache for the session: the SSH profile reuses the local one's conversions."""
+    return tmp_path_factory.mktemp("probe-cache")
+
+
+@pytest.fixture(scope="session")
+def table_path(tmp_path_factory, probe_cache) -> Path:
+    """A real latency table of tests.latency_fixture's tiny residual CNN (16x16 input), profiled on
+    this machine with the coarse grid, tflite x1: `python -m device_bench profile` as a user runs it.
+    While developing, $EDGESLIM_TEST_LATENCY_TABLE can name a table made with the same command."""
+    override = os.environ.get("EDGESLIM_TEST_LATENCY_TABLE")
+    if override:
+        return Path(override)
+    from tests.device_bench_helpers import bench
+    from tests.latency_fixture import MODEL, PROFILE
+
+    out = tmp_path_factory.mktemp("tables") / "tiny.json"
+    proc = bench("profile", MODEL, *PROFILE, "--cache", probe_cache, "--out", out, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "latency table:" in proc.stdout
+    return out

@@ -1,10 +1,15 @@
 """A tiny residual CNN for the latency-table tests (`tests.latency_fixture:tiny_resnet`, 16x16
 input): every layer kind a table covers (3x3 convs, a residual add, a max-pool, a global mean, a
-Linear) with few distinct shapes, so that profiling it takes seconds of conversion, not minutes."""
+Linear) with few distinct shapes, so that profiling it takes seconds of conversion, not minutes.
+conftest.py's `table_path` fixture profiles it once per session (MODEL, PROFILE)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+MODEL = "tests.latency_fixture:tiny_resnet"
+PROFILE = ["--input-size", "16", "--grid", "coarse", "--formats", "tflite", "--threads", "1",
+           "--rounds", "3", "--burst-ms", "3"]
 
 
 class TinyResNet(nn.Module):

@@ -131,6 +131,8 @@ def test_one_shot_pruners_and_their_errors():
     with pytest.raises(UserError, match="unknown pruning method"):
         compress.Pruner(model, example, "flops=0.5", method="magic")
     with pytest.raises(UserError, match="flops=R"):
+        compress.Pruner(model, example, "speed=3", method="l1")
+    with pytest.raises(UserError, match="priced with a latency table"):
         compress.Pruner(model, example, "latency=3", method="l1")
     with pytest.raises(UserError, match="unreachable"):
         compress.Pruner(model, example, "flops=0.995", method="l1")

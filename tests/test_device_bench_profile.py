@@ -15,26 +15,8 @@ import pytest
 
 from device_bench import latency_table as lt
 from tests.device_bench_helpers import bench
+from tests.latency_fixture import MODEL, PROFILE  # conftest.py's table_path profiles MODEL with PROFILE
 from tests.test_device_bench_ssh import board_args, one_line_error, start_sshd, stop_sshd
-
-MODEL = "tests.latency_fixture:tiny_resnet"
-PROFILE = ["--input-size", "16", "--grid", "coarse", "--formats", "tflite", "--threads", "1",
-           "--rounds", "3", "--burst-ms", "3"]
-
-
-@pytest.fixture(scope="session")
-def probe_cache(tmp_path_factory) -> Path:
-    """One probe cache for the session: the SSH profile reuses the local one's conversions."""
-    return tmp_path_factory.mktemp("probe-cache")
-
-
-@pytest.fixture(scope="session")
-def table_path(tmp_path_factory, probe_cache) -> Path:
-    out = tmp_path_factory.mktemp("tables") / "tiny.json"
-    proc = bench("profile", MODEL, *PROFILE, "--cache", probe_cache, "--out", out, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "latency table:" in proc.stdout
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -108,6 +108,8 @@ def test_invalid_target(bad):
 def test_invalid_metric_and_min_keep():
     groups, cost = prepared("concat")
     with pytest.raises(UserError, match="metric"):
+        select(random_scores(groups, 0), cost, "speed", 0.5, 0.1)
+    with pytest.raises(UserError, match="needs a latency table"):
         select(random_scores(groups, 0), cost, "latency", 0.5, 0.1)
     for bad in (0, -1, 0.0, 1.5, 2, 4, "2", True):   # a share, not a channel count: 2 used to mean 2 channels
         with pytest.raises(UserError, match="min_keep"):
@@ -194,7 +196,7 @@ def test_target_text():
     from compress.prune.targets import parse_target, target_dict
     assert parse_target(" FLOPS=0.760 ") == "flops=0.76"
     assert target_dict("flops=0.76,params=0.92") == {"metric": "flops", "reduction": 0.76, "also": {"params": 0.92}}
-    for bad, message in [("latency=3", "expected flops=R"), ("flops=1.2", "strictly between"),
+    for bad, message in [("speed=3", "expected flops=R"), ("flops=1.2", "strictly between"),
                          ("flops=0.5,flops=0.6", "twice"), ("flops=x", "not a number"), ("flops", "expected")]:
         with pytest.raises(UserError, match=message):
             parse_target(bad)

@@ -1,12 +1,14 @@
-"""Choose the channels to keep so the network meets a FLOPs or parameter reduction target.
+"""Choose the channels to keep so the network meets a FLOPs, parameter or latency target.
 
     masks = select(scores, cost, "flops", 0.76, min_keep=0.1)           # global, by score
     masks = select(scores, cost, "flops", 0.76, 0.1, budgets=counts)    # per-group counts, adjusted
     masks = select(scores, cost, "flops", 0.76, 0.1, round_to=8)        # widths in multiples of 8
+    masks = select(scores, cost, "latency", 0.4, 0.1)                   # cost.attach_latency(entry) first:
+                                                                        # -40 % of the dense predicted ms
 
 One greedy knapsack in two passes, on the exact resource model (`cost.ResourceModel`), over the
 widths each group may take (any count from its minimum width up; with `round_to`, multiples of it
-and the whole group):
+and the whole group; with a latency table, the widths where the runtime gets faster):
 
 1. Remove: while the network is above the target, take the step down (to a group's next allowed
    width) whose removed channels have the lowest mean score / (resource the step saves)**cost_power
@@ -22,7 +24,8 @@ Once the first is met, the remove pass ranks by score per unit of the still-unme
 put back the best step that costs the most of the resource with slack per unit of the tight
 one, take away the cheapest steps that restore the tight one, while that brings the loose
 resource closer to its target. Both land within 1 pp when the model's widths allow it; otherwise
-`select` raises UserError naming what was reached.
+`select` raises UserError naming what was reached. A latency budget is a ceiling: it is met at or
+under the budget (the other metrics of the target still land within 1 pp).
 
 With `budgets` (channels per group, as the seed method's redistribution sets them) each group
 starts at its budget (its nearest allowed width), then the same passes move the counts the least
@@ -53,9 +56,17 @@ def min_counts(cost: ResourceModel, min_keep: float) -> np.ndarray:
 
 def allowed_widths(cost: ResourceModel, min_keep: float, round_to: int = 1) -> list[np.ndarray]:
     """Per group, the widths it may keep, ascending: every count from its minimum width up, or with
-    `round_to` > 1 the multiples of it (from the minimum width rounded up) and the whole group."""
+    `round_to` > 1 the multiples of it (from the minimum width rounded up) and the whole group.
+    With a latency table attached (learned rounding): the counts where the table says the
+    runtime gets faster (the plateau tops, GroupLatency.step_counts) from the minimum width up;
+    on a plateau fewer channels save nothing, so no width inside one is ever kept."""
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise UserError(f"round_to must be an integer >= 1, got {round_to!r}")
+    if cost.latency is not None:
+        if round_to > 1:
+            raise UserError("a latency target rounds widths to the latency table's steps: drop --round-to (round_to=)")
+        steps = cost.latency.step_counts()
+        return [w[w >= low] for w, low in zip(steps, min_counts(cost, min_keep))]
     out = []
     for size, low in zip(cost.sizes, min_counts(cost, min_keep)):
         first = max(round_to, math.ceil(low / round_to) * round_to) if round_to > 1 else int(low)
@@ -93,6 +104,10 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
     for m, r in targets.items():
         reachable = 1.0 - cost.resource(m, lowest) / cost.dense(m)
         if r > reachable + 1e-12:
+            if m == "latency":
+                raise UserError(f"a latency of {cost.dense(m) * (1 - r):.4g} ms is out of reach: with at least "
+                                f"{min_keep:g} of every layer's channels kept the fastest is "
+                                f"{cost.resource(m, lowest):.4g} ms (raise the budget or lower the minimum width)")
             raise UserError(f"a {r:.1%} {m} reduction is out of reach: with at least "
                             f"{min_keep:g} of every layer's channels kept the most is {reachable:.1%} "
                             f"(lower the target or the minimum width)")
@@ -106,14 +121,19 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
     k = greedy.fill(greedy.remove(k))
     if len(limits) > 1:
         k = greedy.exchange(k)
-        missed = {m: achieved_k(cost, m, k) for m, r in targets.items() if achieved_k(cost, m, k) > r + JOINT_TOLERANCE}
+        # a latency budget is a ceiling: anything at or under it is met
+        missed = {m: achieved_k(cost, m, k) for m, r in targets.items()
+                  if m != "latency" and achieved_k(cost, m, k) > r + JOINT_TOLERANCE}
         if missed:
             got = ", ".join(f"{m} -{achieved_k(cost, m, k):.1%}" for m in targets)
             raise UserError(f"cannot hit {', '.join(f'{m}={r:g}' for m, r in targets.items())} within "
                             f"{JOINT_TOLERANCE:.0%} at once with these minimum widths: the closest selection "
                             f"removes {got}")
-    elif round_to == 1:
+    elif greedy.contiguous:   # _tighten moves one channel at a time
         k = _tighten(k, cost, metric, limits[metric], greedy)
+    if greedy._over(k):   # e.g. a latency table whose steps save nothing past some width
+        raise UserError(f"cannot reach {metric}: the widths allowed stop saving before the target "
+                        f"(reached {achieved_k(cost, metric, k):.1%} of the {targets[metric]:.1%} asked)")
     return _masks(cost, order, k)
 
 
@@ -152,16 +172,9 @@ class _Greedy:
         self.contiguous = all(len(w) == w[-1] - w[0] + 1 for w in widths)   # every count allowed: steps of 1
 
     def _neighbours(self, k: np.ndarray, down: bool) -> np.ndarray:
-        """Each group's next allowed width below (or above) k; NaN where there is none."""
         if self.contiguous:
             return np.where(k > self.lowest, k - 1, np.nan) if down else np.where(k < self.sizes, k + 1, np.nan)
-        out = np.full(len(k), np.nan)
-        for g, w in enumerate(self.widths):
-            i = np.searchsorted(w, k[g])
-            j = i - 1 if down else (i + 1 if i < len(w) and w[i] == k[g] else i)
-            if 0 <= j < len(w):
-                out[g] = w[j]
-        return out
+        return neighbours(self.widths, k, down)
 
     def _mean_score(self, k: np.ndarray, new: np.ndarray) -> np.ndarray:
         """Mean score of the channels between widths k and new in each group (its ranking's slice)."""
@@ -253,6 +266,26 @@ class _Greedy:
             else:
                 break
         return self.fill(k)
+
+
+def neighbours(widths: list[np.ndarray], k: np.ndarray, down: bool) -> np.ndarray:
+    """Each group's next allowed width below (or above) k; NaN where there is none."""
+    out = np.full(len(k), np.nan)
+    for g, w in enumerate(widths):
+        i = np.searchsorted(w, k[g])
+        j = i - 1 if down else (i + 1 if i < len(w) and w[i] == k[g] else i)
+        if 0 <= j < len(w):
+            out[g] = w[j]
+    return out
+
+
+def step_savings(cost: ResourceModel, metric: str, k: np.ndarray, widths: list[np.ndarray]) -> np.ndarray:
+    """Resource saved per channel by each group's step down to its next allowed width (0 where
+    there is none): the exact one-channel saving when every width is allowed; on a latency
+    table's plateaus one channel alone saves nothing, the step to the plateau below does."""
+    down = neighbours(widths, k, down=True)
+    step = np.nan_to_num(down - k)
+    return np.where(step < 0, -cost.change(metric, k, step) / np.where(step < 0, -step, 1.0), 0.0)
 
 
 def _tighten(k, cost, metric, limit, greedy: _Greedy, rounds: int = 20, good_enough: float = 0.001):

@@ -3,6 +3,7 @@
     cost = ResourceModel(model, groups, torch.randn(1, 3, 32, 32))
     cost.flops({"features.0": 32})          # MACs with 32 of that group's channels kept
     cost.params(masks)                       # keep counts or boolean masks, per group name
+    cost.attach_latency(entry)               # a latency table's entry: "latency" (ms) is a metric too
 
 What is counted, as compress.flops.count counts it: MACs of Conv2d and Linear (nothing else costs
 FLOPs by that convention); the parameters of Conv2d, Linear and BatchNorm as functions of the
@@ -16,6 +17,9 @@ for every group that touches it. A layer's MACs are then out * in * k*k * H*W (o
 for a depthwise conv), and its parameters out * in * k*k (+ bias, + BN affine): bilinear in the
 widths of adjacent groups. Counted as `compress.flops.count` counts (MACs of Conv2d and Linear,
 every parameter), which the tests check on extracted networks.
+
+Latency is the latency table's prediction (device_bench.latency_table.GroupLatency, bound to these
+groups): resource/change/removal_savings/dense answer "latency" in ms as they answer FLOPs.
 
 Everything is numpy over a (layers x groups) matrix, so one evaluation costs microseconds and
 the budgeted selection can re-evaluate marginal costs after every removed channel.
@@ -129,6 +133,30 @@ class ResourceModel:
         full = self.sizes.astype(np.float64)
         self.dense_flops = self.flops(full)
         self.dense_params = self.params(full)
+        self.latency = None   # GroupLatency, once attach_latency gave a table
+
+    def attach_latency(self, entry) -> None:
+        """Price the "latency" metric with `entry` (a LatencyEntry of a table for this network);
+        UserError when the table's groups are not these (another model, width or input)."""
+        from device_bench.latency_table import TableMismatch
+
+        table = entry.table
+        try:
+            latency = entry.bind(self.names)
+        except TableMismatch as e:
+            raise UserError(f"latency table {table.path.name} does not fit this network: {e}") from None
+        sizes = dict(table.groups)
+        for name, size in zip(self.names, self.sizes):
+            if sizes[name] != size:
+                raise UserError(f"latency table {table.path.name} is for another network ({table.model_text}): "
+                                f"group {name} has {sizes[name]} channels there, {size} here")
+        self.latency = latency
+        self.dense_latency = latency.total(self.sizes.astype(np.float64))
+
+    def _latency(self):
+        if self.latency is None:
+            raise UserError("a latency target needs a latency table (--latency-table FILE, latency_table=)")
+        return self.latency
 
     # ------------------------------------------------------------------ evaluation
 
@@ -145,10 +173,13 @@ class ResourceModel:
             k[self.index[name]] = float(value)
         return k
 
-    def resource(self, metric: str, keep) -> int:
+    def resource(self, metric: str, keep) -> int | float:
+        """FLOPs or params (int), or latency (predicted ms, float) at kept counts `keep`."""
         if metric not in METRICS:
             raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
         k = self.vector(keep)
+        if metric == "latency":
+            return self._latency().total(k)
         width_in = self.c_in + self.a_in @ k
         width_out = self.c_out + self.a_out @ k
         total = self.const[metric] + np.sum(self.ab[metric] * width_out * width_in + self.b[metric] * width_out)
@@ -160,12 +191,17 @@ class ResourceModel:
     def params(self, keep) -> int:
         return self.resource("params", keep)
 
-    def dense(self, metric: str) -> int:
+    def dense(self, metric: str) -> int | float:
+        if metric == "latency":
+            self._latency()   # UserError without a table
+            return self.dense_latency
         return self.dense_flops if metric == "flops" else self.dense_params
 
     def change(self, metric: str, k: np.ndarray, step: np.ndarray) -> np.ndarray:
         """Exact change of the resource when group g alone goes from k[g] to k[g] + step[g], for
         every g at once (the resource is bilinear in the widths of a layer's input and output)."""
+        if metric == "latency":
+            return self._latency().change(k, step)
         width_in = self.c_in + self.a_in @ k
         width_out = self.c_out + self.a_out @ k
         d_in, d_out = self.a_in * step[None, :], self.a_out * step[None, :]

@@ -1,4 +1,4 @@
-"""The seed method: prune while training to a FLOPs/params target, with per-layer budgets that move.
+"""The seed method: prune while training to a FLOPs/params/latency target, with per-layer budgets that move.
 
 Independent of the trainer: it sees one dict of Taylor significances per step and answers with
 new masks when they change. `compress.api.Pruner` wires it to a model:
@@ -208,10 +208,16 @@ class SeedPruner:
             else:
                 xi[i] = mean_kept
         if by == "utility-per-cost":
-            saving = self.cost.removal_savings(self.config.metric, self.cost.vector(self.budgets))
+            saving = self._savings(self.cost.vector(self.budgets))
             relative = saving / max(float(saving[saving > 0].mean()) if (saving > 0).any() else 1.0, 1e-12)
             xi = np.where(relative > 0, xi / np.where(relative > 0, relative, 1.0), 0.0)
         return xi
+
+    def _savings(self, k: np.ndarray) -> np.ndarray:
+        """Per group, the resource one channel saves at budgets k, at the step the selection can
+        take (one channel; a --round-to multiple; a latency plateau)."""
+        widths = budget.allowed_widths(self.cost, self.config.min_keep, self.config.round_to)
+        return budget.step_savings(self.cost, self.config.metric, k, widths)
 
     def redistribute(self) -> None:
         """Move a proportion s of the low-significance layers' spare channels to the high ones."""
@@ -219,7 +225,7 @@ class SeedPruner:
             return
         names, cost = self.cost.names, self.cost
         k = cost.vector(self.budgets)
-        saving = cost.removal_savings(self.config.metric, k)
+        saving = self._savings(k)
         lowest = budget.min_counts(cost, self.config.min_keep)
         xi = self.layer_significance()
         ranked = np.argsort(xi, kind="stable")
