@@ -80,8 +80,10 @@ def profile_table(model: str, args, log: Path) -> Path:
     return table
 
 
-def write_config_run(model_name: str, index: int, args, folder: Path) -> Dict[str, int]:
-    """A run folder holding `model_name` with random channels kept in every group."""
+def write_random_run(model_name: str, folder: Path, *, seed: int, data_dir: Path,
+                     keep_range=KEEP_RANGE) -> Dict[str, int]:
+    """A run folder holding an untrained `model_name` with random channels kept in every group: a
+    share uniform in `keep_range` of each group ((1.0, 1.0): the dense network). Latency only."""
     import numpy as np
     import torch
 
@@ -91,7 +93,6 @@ def write_config_run(model_name: str, index: int, args, folder: Path) -> Dict[st
     from compress.prune import arch_of, extract, find_groups
     from compress.report import write_run_folder
 
-    seed = args.seed * 1000 + index + sum(map(ord, model_name))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model = build_model(model_name, 10, 1.0).eval()
@@ -99,12 +100,12 @@ def write_config_run(model_name: str, index: int, args, folder: Path) -> Dict[st
     groups = find_groups(model, example)
     masks, keep = {}, {}
     for g in groups:
-        k = int(np.clip(round(rng.uniform(*KEEP_RANGE) * g.size), 1, g.size))
+        k = int(np.clip(round(rng.uniform(*keep_range) * g.size), 1, g.size))
         mask = torch.zeros(g.size, dtype=torch.bool)
         mask[torch.from_numpy(rng.permutation(g.size)[:k])] = True
         masks[g.name], keep[g.name] = mask, k
     slim = extract(model, groups, masks, example).eval()
-    data = subset(load_dataset("cifar10", args.data_dir, download=False), train=256, test=64)
+    data = subset(load_dataset("cifar10", data_dir, download=False), train=256, test=64)
     folder.mkdir(parents=True, exist_ok=True)
     write_run_folder(folder, slim, name=folder.name, method="random", data=data, num_classes=10, target=None,
                      dense_counts=count(model, (1, 3, 32, 32)), dense_top1=None, slim_top1=0.0,
@@ -120,7 +121,8 @@ def measure_config(model: str, index: int, table: Path, args) -> Dict[str, Any]:
     if not bench.is_file():
         run, dist = args.out / "runs" / name, args.out / "dist" / name
         if not (run / "report.json").is_file():
-            write_config_run(model, index, args, run)
+            write_random_run(model, run, seed=args.seed * 1000 + index + sum(map(ord, model)),
+                             data_dir=args.data_dir)
         if not (dist / "manifest.json").is_file():
             rc, _ = run_logged([PYTHON, "-m", "export", str(run), "--out", str(dist), "--formats", args.formats,
                                 "--calib", "64", "--force"], log)

@@ -47,8 +47,13 @@ SOURCES = ("runtime",)
 
 def device_install(extra: str = "litert") -> List[str]:
     """THE device install, as README gives it for a Pi: run with the venv's pip from a copy of this
-    checkout. One place: when the device packaging changes, change it here."""
-    return ["pip", "install", f"./runtime[{extra}]"]
+    checkout. One place: when the device packaging changes, change it here.
+
+    --no-compile: pip would byte-compile every module of every wheel (numpy's tests and f2py
+    included: ~18 MB on aarch64); without it Python writes the .pyc of just the modules a run
+    imports, on the first start, so the footprint measured after the checks ran is what a board
+    keeps."""
+    return ["pip", "install", "--no-compile", f"./runtime[{extra}]"]
 
 
 # name of the venv in pi's home -> the runtime's extra. `edgeslim-venv` is README's venv (its size is
@@ -327,16 +332,20 @@ def du_bytes(path: Path) -> int:
 
 
 OWN_CODE = ("compress", "export", "runtime", "device_bench")
+# What a venv needs only to install: not part of the footprint's "packages" figure.
+TOOLING = ("pip", "setuptools", "pkg_resources", "_distutils_hack", "distutils")
 
 
 def venv_sizes(venv: Path) -> Dict[str, int]:
-    """du of the venv, of our own code in it (the edgeslim packages and their dist-info), and of each
-    installed distribution's top-level folder, in bytes."""
+    """du of the venv, of the installed packages (site-packages without pip/setuptools), of our own
+    code in it (the edgeslim packages and their dist-info), and of each installed distribution's
+    top-level folder, in bytes."""
     site = next(venv.glob("lib/python3*/site-packages"), None)
     if site is None:
         raise BoardError(f"{venv} has no site-packages")
     own = [site / p for p in OWN_CODE if (site / p).exists()] + sorted(site.glob("edgeslim*.dist-info"))
-    sizes = {"venv": du_bytes(venv), "own_code": sum(du_bytes(p) for p in own)}
+    sizes = {"venv": du_bytes(venv), "own_code": sum(du_bytes(p) for p in own),
+             "packages": sum(du_bytes(e) for e in site.iterdir() if e.name.split("-")[0] not in TOOLING)}
     for entry in sorted(site.iterdir()):
         if entry.is_dir() and not entry.name.endswith((".dist-info", "__pycache__")) and entry.name not in OWN_CODE:
             sizes[f"site-packages/{entry.name}"] = du_bytes(entry)

@@ -229,9 +229,12 @@ def _branch(spec: Dict[str, Any], nhwc: bool):
     return Elementwise()
 
 
-def _probe_batch(specs: Sequence[Dict[str, Any]], nhwc: bool):
+def _probe_batch(specs: Sequence[Dict[str, Any]], nhwc: bool, anchor: bool = False):
     """Parallel branches reading channel slices of one input: converted once, cut apart after.
-    With `nhwc` (TFLite) every 4-D output is NHWC, so the converted graph has no TRANSPOSE."""
+    With `nhwc` (TFLite) every 4-D output is NHWC, so the converted graph has no TRANSPOSE.
+    `anchor`: one more output last, a 1x1 conv on a one-channel slice, for batches of pooling
+    probes only: PT2E quantises a pool only where its input already is (in a network, a conv's
+    output), so without a conv reading the input the int8 file stays float. Dropped after the cut."""
     import torch
     from torch import nn
 
@@ -241,6 +244,7 @@ def _probe_batch(specs: Sequence[Dict[str, Any]], nhwc: bool):
             self.branches = nn.ModuleList([_branch(s, nhwc) for s in specs])
             self.widths = [s["cin"] for s in specs]
             self.channel_last = [nhwc and s["shape"]["op"] in ELEMENTWISE for s in specs]
+            self.anchor = nn.Conv2d(1, 1, 1) if anchor else None
 
         def forward(self, x):
             outs = []
@@ -250,6 +254,9 @@ def _probe_batch(specs: Sequence[Dict[str, Any]], nhwc: bool):
                     continue
                 y = branch(x[:, :width])
                 outs.append(y.permute(0, 2, 3, 1) if nhwc and y.dim() == 4 else y)
+            if self.anchor is not None:
+                y = self.anchor(x[:, :1])
+                outs.append(y.permute(0, 2, 3, 1) if nhwc else y)
             return tuple(outs)
 
     torch.manual_seed(int(hashlib.sha256(json.dumps(list(specs), sort_keys=True).encode()).hexdigest()[:8], 16))
@@ -512,7 +519,8 @@ def _build_batch(batch: List[Dict[str, Any]], fmt: str, cache: Path, tools: Dict
     # the whole input next to sliced ones gets conflicting int8 scales (litert refuses the PAD).
     channels = max(s["cin"] for s in batch) + 1
     hw = batch[0]["shape"]["in_hw"] if batch[0]["shape"]["op"] != "linear" else [1, 1]
-    module = _probe_batch(batch, nhwc=fmt.startswith("tflite"))
+    anchor = fmt == "tflite-int8" and not any(s["shape"]["op"] in GEMM for s in batch)
+    module = _probe_batch(batch, nhwc=fmt.startswith("tflite"), anchor=anchor)
     with tempfile.TemporaryDirectory(prefix="edgeslim-probes-") as scratch:
         out = Path(scratch) / ("batch" + SUFFIX[fmt])
         try:
@@ -529,6 +537,8 @@ def _build_batch(batch: List[Dict[str, Any]], fmt: str, cache: Path, tools: Dict
             raise BenchError(f"converting the {fmt} probe {_shape_key(spec['shape'])} {spec['cin']}->{spec['cout']} "
                              f"failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}", exit_code=1) from None
         parts = split_tflite(out.read_bytes()) if fmt.startswith("tflite") else split_onnx(out)
+    if anchor:
+        parts = parts[:-1]
     if len(parts) != len(batch):
         raise BenchError(f"internal error: {len(batch)} {fmt} probes converted into {len(parts)} outputs")
     for spec, data in zip(batch, parts):

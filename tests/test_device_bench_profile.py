@@ -242,3 +242,33 @@ def test_bad_input_is_one_line_and_exit_2(bundle, tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     assert message in one_line_error(proc)
     assert not (tmp_path / "t.json").exists() and not (tmp_path / "table.txt").exists()
+
+
+def _pool(cin: int) -> dict:
+    return {"shape": {"op": "maxpool", "in_hw": [16, 16], "kernel": [2, 2], "stride": [2, 2], "padding": [0, 0],
+                      "ceil_mode": False}, "cin": cin, "cout": cin}
+
+
+def _conv(cin: int, cout: int) -> dict:
+    return {"shape": {"op": "conv2d", "in_hw": [16, 16], "kernel": [3, 3], "stride": [1, 1], "padding": [1, 1],
+                      "dilation": [1, 1]}, "cin": cin, "cout": cout}
+
+
+@pytest.mark.parametrize("batch", [[_pool(8), _pool(16)], [_conv(8, 16), _pool(8), _conv(16, 8)]],
+                         ids=["pools-only", "mixed"])
+def test_int8_probe_batches_convert_in_one_go(batch, tmp_path, monkeypatch):
+    """A tflite-int8 batch is one conversion (it used to fail export's single-output check and fall
+    back to one conversion per probe), and a batch of pools alone is full-integer too (PT2E leaves
+    a pool float unless its input is quantised: the anchor conv sees to that)."""
+    from device_bench import probes
+    from runtime.model import file_specs
+
+    calls = []
+    real = probes.export_module
+    monkeypatch.setattr(probes, "export_module", lambda *a, **k: calls.append(1) or real(*a, **k))
+    probes._build_batch(batch, "tflite-int8", tmp_path, probes.toolchain())
+    files = sorted(tmp_path.rglob("*.tflite"))
+    assert len(calls) == 1 and len(files) == len(batch)
+    for f in files:
+        inp, out = file_specs(f, "tflite-int8")
+        assert (inp.dtype, out.dtype) == ("int8", "int8")

@@ -1,0 +1,323 @@
+"""Latency-targeted vs FLOPs-targeted pruning at equal measured latency, on this machine.
+
+    python benchmarks/latency_target.py [--models resnet56,vgg16] [--targets 0.5,0.76] \
+        [--format tflite-int8] [--threads 1] [--tables DIR] [--epochs 4] [--rounds 3] [--data-dir DIR] [--out DIR]
+
+For each model and FLOPs reduction T (default: ResNet-56 0.5 and 0.76, VGG-16 0.76 and 0.9; --targets
+sets one list for every model), with the seed method and the same 4-epoch schedule
+(methods.py's cpu preset: full CIFAR-10, compress's cpu preset with --epochs 4):
+
+1. FLOPs-targeted: `python -m compress --method seed --target flops=T` -> OUT/runs/M-flops-T.
+2. Its bundle (`python -m export`, the entry's format) measured with `python -m device_bench run`:
+   that p50 is the budget B the latency-targeted run gets.
+3. Latency-targeted: `--target latency=Bms --latency-table TABLE --format F --threads N`
+   -> OUT/runs/M-latency-T (the table: OUT/../latency-prediction/tables/M.json, made by
+   benchmarks/latency_prediction.py, or profiled here when missing).
+4. A final pass measures the dense network (untrained, every channel: latency only) and every
+   bundle again, --rounds interleaved rounds, the median of the rounds' p50 per bundle, so that all
+   the numbers compared come from one stretch of time on the host.
+
+Reported per pair: top-1, measured p50 (and p50 / B), predicted p50 (the table), FLOPs
+reduction, speed-up over dense, FLOPs ratio and efficiency = speed-up / FLOPs ratio. Goals
+(issue 16): the latency-targeted network at least as accurate at equal measured latency, its
+p50 within +-10 % of B, and on ResNet-56 efficiency >= 0.85. Training runs are resumable (a killed
+run continues from its checkpoint); a finished step is not redone. Writes OUT/latency_target.json,
+.md and .png.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    PYTHON,
+    RESULTS,
+    BenchError,
+    Parser,
+    lock_folder,
+    meta,
+    meta_markdown,
+    pyplot,
+    read_json,
+    run_logged,
+    save_figure,
+    tail,
+    write_json,
+    write_text,
+)
+from benchmarks.latency_prediction import write_random_run  # noqa: E402
+
+TOLERANCE = 0.10        # measured p50 within +-10 % of the budget
+EFFICIENCY_GOAL = 0.85  # ResNet-56: speed-up >= 0.85 x FLOPs ratio
+DEFAULT_TARGETS = {"resnet56": (0.5, 0.76), "vgg16": (0.76, 0.9)}
+
+
+def parse_args(argv=None):
+    p = Parser(prog="python benchmarks/latency_target.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="resnet56,vgg16")
+    p.add_argument("--targets", default=None, help="FLOPs reductions of the FLOPs-targeted runs, one list for "
+                   "every model (default: ResNet-56 0.5,0.76; VGG-16 0.76,0.9; others 0.5,0.76)")
+    p.add_argument("--format", default="tflite-int8", help="the table entry the budget is in (default tflite-int8)")
+    p.add_argument("--threads", type=int, default=1, help="its interpreter threads (default 1)")
+    p.add_argument("--tables", type=Path, default=RESULTS / "latency-prediction" / "tables",
+                   help="folder with MODEL.json latency tables (profiled here when missing)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=300, help="timed invokes per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds in the final pass")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder with cifar10.npz")
+    p.add_argument("--extra", default="", help="more compress flags for every run (smoke tests: '--width 0.125 ...')")
+    p.add_argument("--out", type=Path, default=RESULTS / "latency-target")
+    p.add_argument("--report-only", action="store_true", help="summarise what is finished, run nothing")
+    args = p.parse_args(argv)
+    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.targets is None:
+        args.model_targets = {m: list(DEFAULT_TARGETS.get(m, (0.5, 0.76))) for m in args.model_list}
+    else:
+        try:
+            targets = [float(t) for t in args.targets.split(",") if t.strip()]
+        except ValueError:
+            raise BenchError(f"--targets {args.targets!r}: expected comma-separated reductions like 0.5,0.76") from None
+        if not targets or not all(0 < t < 1 for t in targets):
+            raise BenchError(f"--targets {args.targets!r}: every reduction must lie strictly between 0 and 1")
+        args.model_targets = {m: targets for m in args.model_list}
+    if args.threads < 1 or args.rounds < 1 or args.epochs < 1:
+        raise BenchError("--threads, --rounds and --epochs must be at least 1")
+    if not (args.data_dir / "cifar10.npz").is_file() and not args.report_only:
+        raise BenchError(f"--data-dir {args.data_dir} has no cifar10.npz")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# steps, each skipped when its output exists
+
+
+def table_for(model: str, args) -> Path:
+    table = args.tables / f"{model}.json"
+    if not table.is_file():
+        log = args.out / "logs" / f"{model}-profile.log"
+        rc, _ = run_logged([PYTHON, "-m", "device_bench", "profile", model, "--formats", args.format,
+                            "--threads", str(args.threads), "--out", str(table)], log)
+        if rc != 0 or not table.is_file():
+            raise BenchError(f"profiling {model} failed (exit {rc}): {tail(log, 1)} (log: {log})")
+    return table
+
+
+def train(name: str, target: List[str], args) -> Path:
+    """A seed-method run folder OUT/runs/NAME (resumed from its checkpoint after a kill)."""
+    run = args.out / "runs" / name
+    if (run / "report.json").is_file():
+        return run
+    cmd = [PYTHON, "-m", "compress", "--method", "seed", "--preset", "cpu", "--epochs", str(args.epochs),
+           "--eval-every", str(args.epochs), "--seed", str(args.seed), "--model", name.split("-")[0],
+           "--data-dir", str(args.data_dir), "--out", str(run), "--no-progress", *target, *args.extra.split()]
+    partial = run.with_name(run.name + ".partial")
+    if (partial / "checkpoint.pt").is_file():
+        cmd.append("--resume")
+    elif partial.exists():
+        cmd.append("--force")
+    log = args.out / "logs" / f"{name}.log"
+    rc, seconds = run_logged(cmd, log)
+    if rc != 0 or not (run / "report.json").is_file():
+        raise BenchError(f"{name}: compress failed (exit {rc}): {tail(log, 1)} (log: {log})")
+    walls_path = args.out / "wall_times.json"
+    walls = read_json(walls_path) if walls_path.is_file() else {}
+    walls[name] = round(walls.get(name, 0.0) + seconds if "--resume" in cmd else seconds, 1)
+    write_json(walls_path, walls)
+    return run
+
+
+def bundle(run: Path, args) -> Path:
+    dist = args.out / "dist" / run.name
+    if not (dist / "manifest.json").is_file():
+        log = args.out / "logs" / f"{run.name}.log"
+        rc, _ = run_logged([PYTHON, "-m", "export", str(run), "--out", str(dist), "--formats", args.format,
+                            "--force"], log)
+        if rc != 0:
+            raise BenchError(f"export of {run.name} failed (exit {rc}): {tail(log, 1)} (log: {log})")
+    return dist
+
+
+def measure(dist: Path, table: Path, tag: str, args, budget_ms: Optional[float] = None) -> Dict[str, Any]:
+    """device_bench run of one bundle in the entry's format: its latency_check row (measured, predicted)."""
+    report = args.out / "bench" / f"{dist.name}-{tag}.json"
+    if not report.is_file():
+        cmd = [PYTHON, "-m", "device_bench", "run", str(dist), "--formats", args.format, "--threads",
+               str(args.threads), "--runs", str(args.runs), "--latency-table", str(table), "--out", str(report)]
+        if budget_ms is not None:
+            cmd += ["--budget-ms", f"{budget_ms:.4f}"]
+        log = args.out / "logs" / f"{dist.name}.log"
+        rc, _ = run_logged(cmd, log)
+        # exit 1 = the budget was missed: the report is written and says so; that is a result here
+        if rc not in (0, 1) or not report.is_file():
+            raise BenchError(f"device_bench run of {dist.name} failed (exit {rc}): {tail(log, 1)} (log: {log})")
+    rows = read_json(report)["latency_check"]["results"]
+    if len(rows) != 1:
+        raise BenchError(f"{report}: expected one {args.format} x{args.threads} result, got {len(rows)}")
+    return rows[0]
+
+
+def dense_run(model: str, args) -> Path:
+    run = args.out / "runs" / f"{model}-dense"
+    if not (run / "report.json").is_file():
+        write_random_run(model, run, seed=args.seed, data_dir=args.data_dir, keep_range=(1.0, 1.0))
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def pct(t: float) -> str:
+    return f"{round(t * 100):02d}"
+
+
+def run_model(model: str, args) -> List[Dict[str, Any]]:
+    table = table_for(model, args)
+    targets = args.model_targets[model]
+    pairs = []
+    # Train every FLOPs-targeted run first, then measure their budgets in one quiet stretch.
+    for t in targets:
+        train(f"{model}-flops-{pct(t)}", ["--target", f"flops={t:g}"], args)
+    budgets = {t: measure(bundle(args.out / "runs" / f"{model}-flops-{pct(t)}", args), table, "budget", args)
+               ["measured_p50_ms"] for t in targets}
+    for t in targets:
+        b = budgets[t]
+        print(f"{model} flops={t:g}: measured p50 {b:.4f} ms -> latency budget", file=sys.stderr, flush=True)
+        train(f"{model}-latency-{pct(t)}", ["--target", f"latency={b:.4f}ms", "--latency-table", str(table),
+                                            "--format", args.format, "--threads", str(args.threads)], args)
+    dists = {"dense": bundle(dense_run(model, args), args)}
+    for t in targets:
+        for kind in ("flops", "latency"):
+            dists[f"{kind}-{pct(t)}"] = bundle(args.out / "runs" / f"{model}-{kind}-{pct(t)}", args)
+    # Final pass: every bundle once per round, rounds interleaved.
+    p50: Dict[str, List[float]] = {k: [] for k in dists}
+    predicted: Dict[str, Optional[float]] = {}
+    for r in range(args.rounds):
+        for key, dist in dists.items():
+            row = measure(dist, table, f"final{r}", args)
+            p50[key].append(row["measured_p50_ms"])
+            predicted[key] = row["predicted_ms"]
+    med = {k: statistics.median(v) for k, v in p50.items()}
+    dense_report = read_json(args.out / "runs" / f"{model}-dense" / "report.json")
+    for t in targets:
+        for kind in ("flops", "latency"):
+            key = f"{kind}-{pct(t)}"
+            rep = read_json(args.out / "runs" / f"{model}-{key}" / "report.json")
+            flops_ratio = dense_report["slim"]["flops"] / rep["slim"]["flops"]
+            speedup = med["dense"] / med[key]
+            pairs.append({
+                "model": model, "flops_target": t, "kind": kind, "run": f"{model}-{key}",
+                "budget_ms": budgets[t], "top1": rep["slim"]["top1"],
+                "flops_reduction": round(1 - 1 / flops_ratio, 4),
+                "params_reduction": round(1 - rep["slim"]["params"] / dense_report["slim"]["params"], 4),
+                "p50_ms": round(med[key], 4), "p50_rounds_ms": p50[key], "predicted_ms": predicted[key],
+                "p50_over_budget": round(med[key] / budgets[t], 4), "dense_p50_ms": round(med["dense"], 4),
+                "speedup": round(speedup, 3), "flops_ratio": round(flops_ratio, 3),
+                "efficiency": round(speedup / flops_ratio, 3),
+                "widths": {layer["name"]: layer["after"] for layer in rep.get("layers", [])},
+            })
+    return pairs
+
+
+def verdicts(pairs: List[Dict[str, Any]]) -> List[str]:
+    out = []
+    for model in sorted({p["model"] for p in pairs}):
+        for t in sorted({p["flops_target"] for p in pairs if p["model"] == model}):
+            f = next(p for p in pairs if p["model"] == model and p["flops_target"] == t and p["kind"] == "flops")
+            lat = next(p for p in pairs if p["model"] == model and p["flops_target"] == t and p["kind"] == "latency")
+            d = (lat["top1"] - f["top1"]) * 100
+            within = abs(lat["p50_over_budget"] - 1) <= TOLERANCE
+            text = (f"{model}, budget {lat['budget_ms']:.3f} ms (the flops={t:g} run's p50): latency-targeted "
+                    f"{lat['top1'] * 100:.2f} % at {lat['p50_ms']:.3f} ms vs FLOPs-targeted {f['top1'] * 100:.2f} % "
+                    f"at {f['p50_ms']:.3f} ms ({d:+.2f} pp; p50 {(lat['p50_over_budget'] - 1) * 100:+.1f} % of the "
+                    f"budget: {'within' if within else 'outside'} ±{TOLERANCE * 100:.0f} %)")
+            if model.startswith("resnet"):
+                text += (f"; efficiency latency {lat['efficiency']:.2f} / FLOPs {f['efficiency']:.2f} "
+                         f"(goal ≥ {EFFICIENCY_GOAL})")
+            out.append(text)
+    return out
+
+
+def plot(pairs: List[Dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+    models = sorted({p["model"] for p in pairs})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for kind, marker, color in (("flops", "o", "C0"), ("latency", "s", "C1")):
+            pts = sorted((p for p in pairs if p["model"] == model and p["kind"] == kind), key=lambda p: p["p50_ms"])
+            ax.plot([p["p50_ms"] for p in pts], [p["top1"] * 100 for p in pts], marker=marker, color=color,
+                    label=f"{kind}-targeted (seed)")
+        for b in sorted({p["budget_ms"] for p in pairs if p["model"] == model}):
+            ax.axvline(b, color="grey", lw=0.6, ls="--")
+        ax.set_xlabel("measured p50 (ms), dashed: budgets")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"{model}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def markdown(doc: Dict[str, Any]) -> str:
+    a = doc["args"]
+    lines = ["# Latency-targeted vs FLOPs-targeted pruning at equal measured latency", ""] + meta_markdown(doc["meta"])
+    lines += [f"- entry: {a['format']} x{a['threads']}; seed method, {a['epochs']} epochs, seed {a['seed']}; "
+              f"final pass {a['rounds']} interleaved rounds of {a['runs']} invokes (median p50)", ""]
+    lines += ["| model | run | budget (ms) | top-1 | FLOPs | params | p50 (ms) | p50 / budget | predicted (ms) | "
+              "speed-up | FLOPs ratio | efficiency |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in doc["pairs"]:
+        pred = f"{p['predicted_ms']:.3f}" if p.get("predicted_ms") is not None else "–"
+        lines.append(f"| {p['model']} | {p['kind']} (flops={p['flops_target']:g} p50) | {p['budget_ms']:.3f} | "
+                     f"{p['top1'] * 100:.2f} % | −{p['flops_reduction'] * 100:.1f} % | −{p['params_reduction'] * 100:.1f} % | "
+                     f"{p['p50_ms']:.3f} | {p['p50_over_budget']:.3f} | {pred} | {p['speedup']:.2f}× | "
+                     f"{p['flops_ratio']:.2f}× | {p['efficiency']:.2f} |")
+    lines += ["", *[f"- {v}" for v in doc["verdicts"]], "", "![top-1 vs measured p50](latency_target.png)", ""]
+    if doc["failed"]:
+        lines += ["Failed:", *[f"- {f}" for f in doc["failed"]], ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = meta(argv)
+    pairs_path = args.out / "pairs.json"
+    done = read_json(pairs_path) if pairs_path.is_file() else {}
+    failed = []
+    lock = None if args.report_only else lock_folder(args.out)
+    for model in args.model_list:
+        if args.report_only or model in done:
+            continue
+        t0 = time.time()
+        try:
+            done[model] = run_model(model, args)
+            write_json(pairs_path, done)
+            print(f"{model}: done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        except BenchError as e:
+            failed.append(str(e))
+            print(f"FAILED {e}", file=sys.stderr, flush=True)
+    del lock
+    pairs = [p for m in args.model_list for p in done.get(m, [])]
+    started["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    doc = {"meta": started, "args": {k: getattr(args, k) for k in ("format", "threads", "epochs", "seed", "runs",
+                                                                    "rounds")},
+           "pairs": pairs, "verdicts": verdicts(pairs), "failed": failed}
+    write_json(args.out / "latency_target.json", doc)
+    if pairs:
+        plot(pairs, args.out / "latency_target.png")
+    write_text(args.out / "latency_target.md", markdown(doc))
+    print(f"wrote {args.out / 'latency_target.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
