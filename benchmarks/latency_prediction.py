@@ -81,7 +81,7 @@ def profile_table(model: str, args, log: Path) -> Path:
 
 
 def write_random_run(model_name: str, folder: Path, *, seed: int, data_dir: Path,
-                     keep_range=KEEP_RANGE) -> Dict[str, int]:
+                     keep_range=KEEP_RANGE, width: float = 1.0) -> Dict[str, int]:
     """A run folder holding an untrained `model_name` with random channels kept in every group: a
     share uniform in `keep_range` of each group ((1.0, 1.0): the dense network). Latency only."""
     import numpy as np
@@ -95,7 +95,7 @@ def write_random_run(model_name: str, folder: Path, *, seed: int, data_dir: Path
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    model = build_model(model_name, 10, 1.0).eval()
+    model = build_model(model_name, 10, width).eval()
     example = torch.randn(1, 3, 32, 32)
     groups = find_groups(model, example)
     masks, keep = {}, {}
@@ -109,7 +109,7 @@ def write_random_run(model_name: str, folder: Path, *, seed: int, data_dir: Path
     folder.mkdir(parents=True, exist_ok=True)
     write_run_folder(folder, slim, name=folder.name, method="random", data=data, num_classes=10, target=None,
                      dense_counts=count(model, (1, 3, 32, 32)), dense_top1=None, slim_top1=0.0,
-                     arch=arch_of(slim, model_name, 10, 1.0), epochs=0, seconds=0.0, wall_seconds=0.0,
+                     arch=arch_of(slim, model_name, 10, width), epochs=0, seconds=0.0, wall_seconds=0.0,
                      config={"model": model_name, "dataset": "cifar10", "seed": seed}, calib=64, seed=seed)
     return keep
 

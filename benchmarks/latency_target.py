@@ -26,6 +26,7 @@ run continues from its checkpoint); a finished step is not redone. Writes OUT/la
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -54,8 +55,14 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.latency_prediction import write_random_run  # noqa: E402
 
 TOLERANCE = 0.10        # measured p50 within +-10 % of the budget
+QUIET_LOAD = 0.9        # a measurement waits until the 1-min load average is below this ...
+QUIET_WAIT = 45 * 60    # ... for at most this long (s), then measures anyway and records the load
 EFFICIENCY_GOAL = 0.85  # ResNet-56: speed-up >= 0.85 x FLOPs ratio
 DEFAULT_TARGETS = {"resnet56": (0.5, 0.76), "vgg16": (0.76, 0.9)}
+
+
+class NoRoom(BenchError):
+    """The FLOPs-targeted network is predicted no faster than dense: there is no latency budget to prune to."""
 
 
 def parse_args(argv=None):
@@ -72,7 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=300, help="timed invokes per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds in the final pass")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder with cifar10.npz")
-    p.add_argument("--extra", default="", help="more compress flags for every run (smoke tests: '--width 0.125 ...')")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier of the models (and their tables)")
+    p.add_argument("--profile-flags", default="", help="more device_bench profile flags, e.g. '--grid coarse'")
+    p.add_argument("--extra", default="", help="more compress flags for every run (smoke tests: '--train-subset 256')")
     p.add_argument("--out", type=Path, default=RESULTS / "latency-target")
     p.add_argument("--report-only", action="store_true", help="summarise what is finished, run nothing")
     args = p.parse_args(argv)
@@ -87,8 +96,10 @@ def parse_args(argv=None):
         if not targets or not all(0 < t < 1 for t in targets):
             raise BenchError(f"--targets {args.targets!r}: every reduction must lie strictly between 0 and 1")
         args.model_targets = {m: targets for m in args.model_list}
-    if args.threads < 1 or args.rounds < 1 or args.epochs < 1:
-        raise BenchError("--threads, --rounds and --epochs must be at least 1")
+    if args.threads < 1 or args.rounds < 1 or args.epochs < 1 or args.runs < 1:
+        raise BenchError("--threads, --rounds, --runs and --epochs must be at least 1")
+    if not 0 < args.width <= 4:
+        raise BenchError(f"--width {args.width:g}: expected a multiplier in (0, 4]")
     if not (args.data_dir / "cifar10.npz").is_file() and not args.report_only:
         raise BenchError(f"--data-dir {args.data_dir} has no cifar10.npz")
     return args
@@ -103,7 +114,8 @@ def table_for(model: str, args) -> Path:
     if not table.is_file():
         log = args.out / "logs" / f"{model}-profile.log"
         rc, _ = run_logged([PYTHON, "-m", "device_bench", "profile", model, "--formats", args.format,
-                            "--threads", str(args.threads), "--out", str(table)], log)
+                            "--threads", str(args.threads), "--width", f"{args.width:g}", *args.profile_flags.split(),
+                            "--out", str(table)], log)
         if rc != 0 or not table.is_file():
             raise BenchError(f"profiling {model} failed (exit {rc}): {tail(log, 1)} (log: {log})")
     return table
@@ -116,6 +128,7 @@ def train(name: str, target: List[str], args) -> Path:
         return run
     cmd = [PYTHON, "-m", "compress", "--method", "seed", "--preset", "cpu", "--epochs", str(args.epochs),
            "--eval-every", str(args.epochs), "--seed", str(args.seed), "--model", name.split("-")[0],
+           "--width", f"{args.width:g}",
            "--data-dir", str(args.data_dir), "--out", str(run), "--no-progress", *target, *args.extra.split()]
     partial = run.with_name(run.name + ".partial")
     if (partial / "checkpoint.pt").is_file():
@@ -125,6 +138,8 @@ def train(name: str, target: List[str], args) -> Path:
     log = args.out / "logs" / f"{name}.log"
     rc, seconds = run_logged(cmd, log)
     if rc != 0 or not (run / "report.json").is_file():
+        if "is not below the dense network's predicted" in tail(log, 1):
+            raise NoRoom(tail(log, 1).removeprefix("compress: error: "))
         raise BenchError(f"{name}: compress failed (exit {rc}): {tail(log, 1)} (log: {log})")
     walls_path = args.out / "wall_times.json"
     walls = read_json(walls_path) if walls_path.is_file() else {}
@@ -144,10 +159,22 @@ def bundle(run: Path, args) -> Path:
     return dist
 
 
+def wait_quiet() -> float:
+    """Wait until nothing else loads the host (another job, the training this script just ran);
+    returns the load average the measurement starts at."""
+    started = time.time()
+    while os.getloadavg()[0] >= QUIET_LOAD and time.time() - started < QUIET_WAIT:
+        time.sleep(10)
+    return round(os.getloadavg()[0], 2)
+
+
 def measure(dist: Path, table: Path, tag: str, args, budget_ms: Optional[float] = None) -> Dict[str, Any]:
-    """device_bench run of one bundle in the entry's format: its latency_check row (measured, predicted)."""
+    """device_bench run of one bundle in the entry's format: its latency_check row (measured, predicted)
+    and the load average it started at."""
     report = args.out / "bench" / f"{dist.name}-{tag}.json"
+    load_path = report.with_suffix(".load")
     if not report.is_file():
+        write_text(load_path, f"{wait_quiet()}\n")
         cmd = [PYTHON, "-m", "device_bench", "run", str(dist), "--formats", args.format, "--threads",
                str(args.threads), "--runs", str(args.runs), "--latency-table", str(table), "--out", str(report)]
         if budget_ms is not None:
@@ -160,13 +187,14 @@ def measure(dist: Path, table: Path, tag: str, args, budget_ms: Optional[float] 
     rows = read_json(report)["latency_check"]["results"]
     if len(rows) != 1:
         raise BenchError(f"{report}: expected one {args.format} x{args.threads} result, got {len(rows)}")
-    return rows[0]
+    load = float(load_path.read_text()) if load_path.is_file() else None
+    return {**rows[0], "load_average": load}
 
 
 def dense_run(model: str, args) -> Path:
     run = args.out / "runs" / f"{model}-dense"
     if not (run / "report.json").is_file():
-        write_random_run(model, run, seed=args.seed, data_dir=args.data_dir, keep_range=(1.0, 1.0))
+        write_random_run(model, run, seed=args.seed, data_dir=args.data_dir, keep_range=(1.0, 1.0), width=args.width)
     return run
 
 
@@ -187,28 +215,40 @@ def run_model(model: str, args) -> List[Dict[str, Any]]:
         train(f"{model}-flops-{pct(t)}", ["--target", f"flops={t:g}"], args)
     budgets = {t: measure(bundle(args.out / "runs" / f"{model}-flops-{pct(t)}", args), table, "budget", args)
                ["measured_p50_ms"] for t in targets}
+    no_room: Dict[float, str] = {}
     for t in targets:
         b = budgets[t]
         print(f"{model} flops={t:g}: measured p50 {b:.4f} ms -> latency budget", file=sys.stderr, flush=True)
-        train(f"{model}-latency-{pct(t)}", ["--target", f"latency={b:.4f}ms", "--latency-table", str(table),
-                                            "--format", args.format, "--threads", str(args.threads)], args)
+        try:
+            train(f"{model}-latency-{pct(t)}", ["--target", f"latency={b:.4f}ms", "--latency-table", str(table),
+                                                "--format", args.format, "--threads", str(args.threads)], args)
+        except NoRoom as e:   # a result, not a failure: FLOPs bought no predicted latency here
+            no_room[t] = str(e)
     dists = {"dense": bundle(dense_run(model, args), args)}
     for t in targets:
         for kind in ("flops", "latency"):
-            dists[f"{kind}-{pct(t)}"] = bundle(args.out / "runs" / f"{model}-{kind}-{pct(t)}", args)
+            if not (kind == "latency" and t in no_room):
+                dists[f"{kind}-{pct(t)}"] = bundle(args.out / "runs" / f"{model}-{kind}-{pct(t)}", args)
     # Final pass: every bundle once per round, rounds interleaved.
     p50: Dict[str, List[float]] = {k: [] for k in dists}
     predicted: Dict[str, Optional[float]] = {}
+    loads: List[float] = []
     for r in range(args.rounds):
         for key, dist in dists.items():
             row = measure(dist, table, f"final{r}", args)
             p50[key].append(row["measured_p50_ms"])
             predicted[key] = row["predicted_ms"]
+            loads.append(row["load_average"] or 0.0)
     med = {k: statistics.median(v) for k, v in p50.items()}
     dense_report = read_json(args.out / "runs" / f"{model}-dense" / "report.json")
     for t in targets:
+        if t in no_room:
+            pairs.append({"model": model, "flops_target": t, "kind": "latency", "budget_ms": budgets[t],
+                          "no_room": no_room[t]})
         for kind in ("flops", "latency"):
             key = f"{kind}-{pct(t)}"
+            if key not in dists:
+                continue
             rep = read_json(args.out / "runs" / f"{model}-{key}" / "report.json")
             flops_ratio = dense_report["slim"]["flops"] / rep["slim"]["flops"]
             speedup = med["dense"] / med[key]
@@ -220,7 +260,7 @@ def run_model(model: str, args) -> List[Dict[str, Any]]:
                 "p50_ms": round(med[key], 4), "p50_rounds_ms": p50[key], "predicted_ms": predicted[key],
                 "p50_over_budget": round(med[key] / budgets[t], 4), "dense_p50_ms": round(med["dense"], 4),
                 "speedup": round(speedup, 3), "flops_ratio": round(flops_ratio, 3),
-                "efficiency": round(speedup / flops_ratio, 3),
+                "efficiency": round(speedup / flops_ratio, 3), "max_load_at_measurement": max(loads),
                 "widths": {layer["name"]: layer["after"] for layer in rep.get("layers", [])},
             })
     return pairs
@@ -232,6 +272,9 @@ def verdicts(pairs: List[Dict[str, Any]]) -> List[str]:
         for t in sorted({p["flops_target"] for p in pairs if p["model"] == model}):
             f = next(p for p in pairs if p["model"] == model and p["flops_target"] == t and p["kind"] == "flops")
             lat = next(p for p in pairs if p["model"] == model and p["flops_target"] == t and p["kind"] == "latency")
+            if "no_room" in lat:
+                out.append(f"{model}, flops={t:g}: no latency-targeted run: {lat['no_room']}")
+                continue
             d = (lat["top1"] - f["top1"]) * 100
             within = abs(lat["p50_over_budget"] - 1) <= TOLERANCE
             text = (f"{model}, budget {lat['budget_ms']:.3f} ms (the flops={t:g} run's p50): latency-targeted "
@@ -251,7 +294,8 @@ def plot(pairs: List[Dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         for kind, marker, color in (("flops", "o", "C0"), ("latency", "s", "C1")):
-            pts = sorted((p for p in pairs if p["model"] == model and p["kind"] == kind), key=lambda p: p["p50_ms"])
+            pts = sorted((p for p in pairs if p["model"] == model and p["kind"] == kind and "p50_ms" in p),
+                         key=lambda p: p["p50_ms"])
             ax.plot([p["p50_ms"] for p in pts], [p["top1"] * 100 for p in pts], marker=marker, color=color,
                     label=f"{kind}-targeted (seed)")
         for b in sorted({p["budget_ms"] for p in pairs if p["model"] == model}):
@@ -272,6 +316,10 @@ def markdown(doc: Dict[str, Any]) -> str:
     lines += ["| model | run | budget (ms) | top-1 | FLOPs | params | p50 (ms) | p50 / budget | predicted (ms) | "
               "speed-up | FLOPs ratio | efficiency |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in doc["pairs"]:
+        if "no_room" in p:
+            lines.append(f"| {p['model']} | latency (flops={p['flops_target']:g} p50) | {p['budget_ms']:.3f} | "
+                         f"not run: {p['no_room']} |||||||||")
+            continue
         pred = f"{p['predicted_ms']:.3f}" if p.get("predicted_ms") is not None else "–"
         lines.append(f"| {p['model']} | {p['kind']} (flops={p['flops_target']:g} p50) | {p['budget_ms']:.3f} | "
                      f"{p['top1'] * 100:.2f} % | −{p['flops_reduction'] * 100:.1f} % | −{p['params_reduction'] * 100:.1f} % | "
@@ -305,7 +353,7 @@ def main(argv=None) -> int:
     pairs = [p for m in args.model_list for p in done.get(m, [])]
     started["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     doc = {"meta": started, "args": {k: getattr(args, k) for k in ("format", "threads", "epochs", "seed", "runs",
-                                                                    "rounds")},
+                                                                    "rounds", "width", "extra")},
            "pairs": pairs, "verdicts": verdicts(pairs), "failed": failed}
     write_json(args.out / "latency_target.json", doc)
     if pairs:

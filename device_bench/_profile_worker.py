@@ -12,7 +12,7 @@ runs a burst of invokes lasting about BURST_MS, timed one by one, and its value 
 the burst's median. The probe's latency is the median of its rounds, its `spread` the rounds'
 (max - min) / median. A layer probe is timed on `Session.invoker` (one invoke, input placed once,
 no copies: a layer's input can be as large as its work); a whole network ("network" probes) on
-`Session.run`, which is what `device_bench run` times.
+`Session.run`, which is what `device_bench run` times, with at least NETWORK_INVOKES invokes a round.
 
 Progress goes to stderr as `EDGESLIM-PROGRESS <done> <total> <what>` lines (the host draws a bar).
 """
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from .files import write_json_atomic
 
@@ -72,7 +72,11 @@ def _burst(call, n: int) -> float:
     return times[len(times) // 2] / 1e6
 
 
-def time_chunk(calls: Dict[str, Any], rounds: int, burst_ms: float, seed: int) -> Dict[str, Dict[str, float]]:
+NETWORK_INVOKES = 30  # at least this many invokes per round for a whole network: it calibrates every layer
+
+
+def time_chunk(calls: Dict[str, Any], rounds: int, burst_ms: float, seed: int,
+               min_invokes: Optional[Dict[str, int]] = None) -> Dict[str, Dict[str, float]]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -86,7 +90,7 @@ def time_chunk(calls: Dict[str, Any], rounds: int, burst_ms: float, seed: int) -
     for _ in range(rounds):
         for i in rng.permutation(len(ids)):
             pid = ids[i]
-            n = int(min(2000, max(3, burst_ms / estimate[pid])))
+            n = int(min(2000, max(3, (min_invokes or {}).get(pid, 3), burst_ms / estimate[pid])))
             values[pid].append(_burst(calls[pid], n))
     out = {}
     for pid, v in values.items():
@@ -111,13 +115,15 @@ def measure(folder: str, fmt: str, threads: int, rounds: int, burst_ms: float, r
 
     def flush():
         nonlocal version
-        calls = {}
+        calls, floor = {}, {}
         for p in chunk:
             session = open_model(os.path.join(folder, p["files"][fmt]), fmt, threads, backend)
             version = session.backend_version
             x = _input(session, rng)
             calls[p["id"]] = session.invoker(x) if p.get("kind", "probe") == "probe" else (lambda s=session, x=x: s.run(x))
-        results.update(time_chunk(calls, rounds, burst_ms, seed=len(results)))
+            if p.get("kind") == "network":
+                floor[p["id"]] = NETWORK_INVOKES
+        results.update(time_chunk(calls, rounds, burst_ms, seed=len(results), min_invokes=floor))
         report(len(chunk))
         chunk.clear()
 

@@ -310,7 +310,8 @@ def cmd_profile(args) -> int:
     for e in table["entries"]:
         dense = next(a for a in e["anchors"] if a["name"] == "dense")
         _log(f"{e['format']:<12} x{e['threads']:<2} dense network {dense['measured_ms']:.3f} ms measured, "
-             f"{dense['sum_ms']:.3f} ms sum of layers; overhead {e['overhead_ms']:.3f} ms, scale {e['scale']:.3f}")
+             f"{dense['sum_ms']:.3f} ms sum of layers; calibrated on {len(e['anchors'])} whole networks, "
+             f"worst anchor {max(abs(a['predicted_ms'] / a['measured_ms'] - 1) for a in e['anchors']) * 100:.1f} % off")
     p = table["profile"]
     print(f"latency table: {out} ({len(table['entries'])} entries, {p['probes_converted']} probes converted, "
           f"{p['wall_seconds']:.0f} s)")

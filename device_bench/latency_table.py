@@ -20,8 +20,12 @@ board and records the plateaus it finds ("flat gaps" [lo, hi]: every width in it
 costs); `Axis` turns a width into its plateau top ("effective width"). Each distinct layer shape
 (kernel, stride, input size, op) was then timed on the board at a few (in, out) grid points that
 are plateau tops; between them the latency is bilinear in the effective widths, which is what a
-padded GEMM's work is. The network is the sum of its layers plus a fixed overhead measured with
-the dense network: predicted = scale * sum(layers) + overhead_ms.
+padded GEMM's work is. A whole network costs more than the sum of its layers timed alone, and
+the more so the bigger it is (its weights and activations no longer stay in the caches between
+layers), so the sum is mapped to network latency by a calibration curve measured on the board:
+whole networks at several widths ("anchors"), their measured ms against their sum of layers,
+made non-decreasing, linear between anchors and proportional beyond the first and last one.
+(Tables from before the curve carry a line instead: scale * sum(layers) + overhead_ms.)
 
 Everything a pruner queries is a lookup in per-shape tables precomputed for every integer width
 up to the dense one, so `total` and `removal_savings` cost microseconds.
@@ -224,8 +228,18 @@ class LatencyEntry:
         self.table, self.raw = table, raw
         self.format, self.threads = str(raw["format"]), int(raw["threads"])
         self.backend, self.backend_version = raw.get("backend"), raw.get("backend_version")
-        self.overhead_ms = float(raw.get("overhead_ms", 0.0))
-        self.scale = float(raw.get("scale", 1.0))
+        cal = raw.get("calibration")
+        if cal:
+            self.cal_sum = np.asarray(cal["sum_ms"], dtype=np.float64)
+            self.cal_ms = np.asarray(cal["ms"], dtype=np.float64)
+            if len(self.cal_sum) < 1 or self.cal_sum.shape != self.cal_ms.shape or np.any(np.diff(self.cal_sum) <= 0) \
+                    or np.any(np.diff(self.cal_ms) < 0) or self.cal_sum[0] <= 0:
+                raise TableError(f"{table.path}: entry {raw['format']} x{raw['threads']} has an invalid calibration")
+            self.scale, self.overhead_ms = None, None
+        else:  # the line of older tables
+            self.cal_sum = self.cal_ms = None
+            self.overhead_ms = float(raw.get("overhead_ms", 0.0))
+            self.scale = float(raw.get("scale", 1.0))
         axes = raw.get("axes", {})
         self.axis_in, self.axis_out = Axis.from_json(axes.get("in")), Axis.from_json(axes.get("out"))
         self.grids: Dict[str, Grid] = {}
@@ -240,6 +254,15 @@ class LatencyEntry:
     @property
     def label(self) -> str:
         return f"{self.format} x{self.threads}"
+
+    def network_ms(self, layer_sum):
+        """Network latency (ms) from the sum of its layers (ms; scalar or array): the calibration."""
+        s = np.asarray(layer_sum, dtype=np.float64)
+        if self.cal_sum is None:
+            return self.scale * s + self.overhead_ms
+        lo, hi = self.cal_sum, self.cal_ms
+        inside = np.interp(s, lo, hi)
+        return np.where(s < lo[0], s * (hi[0] / lo[0]), np.where(s > lo[-1], s * (hi[-1] / lo[-1]), inside))
 
     def _evaluate(self, layer: Layer, cin, cout) -> np.ndarray:
         """ms at widths (cin, cout) from the grid. GEMM-like layers (conv2d, linear) step with the
@@ -298,7 +321,7 @@ class LatencyEntry:
     # ---- whole networks
 
     def breakdown(self, keep=None) -> Dict[str, float]:
-        """ms of every layer at kept counts `keep` (see predict_keep), before scale and overhead."""
+        """ms of every layer at kept counts `keep` (see predict_keep), before the calibration."""
         k = self.table.keep_vector(keep)
         return {la.name: float(self.layer_ms(la.name, w_in, w_out))
                 for la, w_in, w_out in zip(self.table.layers, self.table.width_in(k), self.table.width_out(k))}
@@ -340,7 +363,6 @@ class GroupLatency:
         self.sizes = t.sizes[perm]
         self.luts = [entry._lut(la) for la in t.layers]
         self.single = np.array([la.op not in GEMM_OPS for la in t.layers])
-        self.scale, self.overhead = entry.scale, entry.overhead_ms
         self._steps: Optional[List[np.ndarray]] = None
 
     def _lookup(self, w_in: np.ndarray, w_out: np.ndarray) -> np.ndarray:
@@ -357,11 +379,11 @@ class GroupLatency:
                 np.rint(self.c_out + self.a_out @ k).astype(np.int64))
 
     def layers(self, k: np.ndarray) -> np.ndarray:
-        """ms of every layer (table.layers order), before scale and overhead."""
+        """ms of every layer (table.layers order), before the calibration."""
         return self._lookup(*self.widths(k))
 
     def total(self, k: np.ndarray) -> float:
-        return float(self.scale * self.layers(k).sum() + self.overhead)
+        return float(self.entry.network_ms(self.layers(k).sum()))
 
     def change(self, k: np.ndarray, step: np.ndarray) -> np.ndarray:
         """ms the network changes by when group g alone goes from k[g] to k[g] + step[g], for every
@@ -372,7 +394,8 @@ class GroupLatency:
         step = np.asarray(step, dtype=np.float64)[None, :]
         after = self._lookup(w_in[:, None] + np.rint(self.a_in * step).astype(np.int64),  # (layers, groups)
                              w_out[:, None] + np.rint(self.a_out * step).astype(np.int64))
-        return self.scale * (after - base[:, None]).sum(axis=0)
+        s = base.sum()
+        return self.entry.network_ms(s + (after - base[:, None]).sum(axis=0)) - self.entry.network_ms(s)
 
     def removal_savings(self, k: np.ndarray) -> np.ndarray:
         """ms saved by removing one more channel of each group, at kept counts k (0 where a group

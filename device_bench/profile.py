@@ -10,8 +10,8 @@ the board (_profile_worker.py), fetch the timings.
    trivial op), which every probe's time is taken net of.
 2. The grid. Every distinct layer shape of the model is timed at input/output widths at fixed
    fractions (1/8, 1/4, 1/2, 3/4, 1) of its widest use (plus every fixed and every dense width), snapped to plateau tops; and the
-   whole network twice (dense, and every group at half), which fixes the overhead and scale of
-   the sum (latency_table docstring).
+   whole network at several widths (ANCHORS), which gives the curve from the sum of layers to the
+   network's latency (latency_table docstring).
 
 The table is written atomically (docs/formats.md §4).
 """
@@ -44,7 +44,11 @@ GRIDS = {
     "coarse": {"sweep": [1, 4, 8, 12, 16, 24, 32, 48, 64], "fractions": (1 / 4, 1 / 2, 1.0)},
 }
 SWEEP_OTHER = 64  # the fixed width while the other one is swept
-ANCHORS = {"dense": 1.0, "half": 0.5}  # whole networks: every group kept at this fraction
+# Whole networks timed for the calibration curve (latency_table docstring): every group kept at
+# these fractions, plus UNEVEN networks whose groups keep seeded random shares in UNEVEN_RANGE
+# (pruned networks are uneven; their layer sums fall between the uniform ones').
+ANCHORS = {"dense": 1.0, "three-quarter": 0.75, "half": 0.5, "quarter": 0.25, "eighth": 0.125}
+UNEVEN, UNEVEN_RANGE = 2, (0.2, 0.95)
 TOLERANCE = (0.02, 0.08)  # a "flat" gap's relative rise: from the timing spread, within these bounds
 
 
@@ -316,35 +320,27 @@ def fit_grid(shape_points: Tuple[List[int], List[int]], ms: np.ndarray, axis_in:
             "ms": [[round(float(v), 6) for v in row] for row in total / count]}
 
 
-SCALE_RANGE = (0.8, 2.0)  # in-network vs isolated layers: what a plausible fit stays within
-
-
-def fit_line(sums: Sequence[float], measured: Sequence[float]) -> Tuple[float, float]:
-    """(scale, overhead) with measured ~ scale * sum + overhead, overhead >= 0 and scale within
-    SCALE_RANGE: the line through two anchors when it is plausible, else the least-relative-
-    squares fit under those bounds (a noisy anchor must not make a small network cost < 0)."""
-    s, m = np.asarray(sums, dtype=np.float64), np.asarray(measured, dtype=np.float64)
-    if len(s) >= 2 and s.max() - s.min() > 1e-9 * s.max():
-        scale = (m[-1] - m[0]) / (s[-1] - s[0]) if len(s) == 2 else np.polyfit(s, m, 1)[0]
-        overhead = float(np.mean(m - scale * s))
-        if SCALE_RANGE[0] <= scale <= SCALE_RANGE[1] and overhead >= 0:
-            return float(scale), overhead
-    # overhead 0: minimise sum(((scale * s - m) / m)^2)
-    w = s / m
-    scale = float(np.clip(w.sum() / (w * w).sum(), *SCALE_RANGE))
-    return scale, max(0.0, float(np.mean(m - scale * s)))
+def calibration_curve(sums: Sequence[float], measured: Sequence[float]) -> Dict[str, List[float]]:
+    """The anchors' (sum of layers, measured ms), sorted by sum, anchors with the same sum merged,
+    the ms made non-decreasing (isotonic: a noisy anchor cannot make a bigger network cheaper)."""
+    pts: Dict[float, List[float]] = {}
+    for s_, m in zip(sums, measured):
+        pts.setdefault(round(float(s_), 9), []).append(float(m))
+    xs = sorted(x for x in pts if x > 0)
+    ys = lt.isotonic(np.array([float(np.mean(pts[x])) for x in xs]))
+    return {"sum_ms": [round(x, 6) for x in xs], "ms": [round(float(y), 6) for y in ys]}
 
 
 def calibrate(entry: lt.LatencyEntry, anchors: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """Scale and overhead of the layer sum from the whole-network anchors (fit_line)."""
+    """The calibration curve of the layer sum from the whole-network anchors."""
     names = list(anchors)
     sums = {n: float(entry.bind().layers(entry.table.keep_vector(anchors[n]["keep"])).sum()) for n in names}
     measured = {n: anchors[n]["measured_ms"] for n in names}
-    order = sorted(names, key=lambda n: sums[n])
-    scale, overhead = fit_line([sums[n] for n in order], [measured[n] for n in order])
-    return {"scale": round(scale, 6), "overhead_ms": round(overhead, 6),
+    curve = calibration_curve([sums[n] for n in names], [measured[n] for n in names])
+    calibrated = lt.LatencyEntry(entry.table, {**entry.raw, "calibration": curve})
+    return {"calibration": curve,
             "anchors": [{"name": n, "keep": anchors[n]["keep"], "measured_ms": round(measured[n], 6),
-                         "sum_ms": round(sums[n], 6), "predicted_ms": round(scale * sums[n] + overhead, 6),
+                         "sum_ms": round(sums[n], 6), "predicted_ms": round(float(calibrated.network_ms(sums[n])), 6),
                          "spread": anchors[n].get("spread")} for n in names]}
 
 
@@ -402,6 +398,10 @@ def profile(source: ModelSource, cfg: ProfileConfig, board: Board, out: Path,
                 built2.setdefault(k, {}).update(files)
         sizes = P.sizes_of(net)
         anchors = {name: {g: max(1, int(math.ceil(f * s))) for g, s in sizes.items()} for name, f in ANCHORS.items()}
+        rng = np.random.default_rng(20261204)
+        for i in range(UNEVEN):
+            anchors[f"uneven-{i + 1}"] = {g: max(1, int(math.ceil(rng.uniform(*UNEVEN_RANGE) * s)))
+                                          for g, s in sizes.items()}
         identity = {"model": source.info, "net": net}
         from compress.prune import find_groups
 
@@ -440,7 +440,7 @@ def profile(source: ModelSource, cfg: ProfileConfig, board: Board, out: Path,
             spreads = [p["spread"] for p in r2["probes"].values()]
             entry = {"format": fmt, "threads": t, "backend": r2["backend"], "backend_version": r2["backend_version"],
                      "null_ms": round(null, 6), "tolerance": round(fit["tolerance"], 4),
-                     "axes": fit["axes"], "grids": grids, "scale": 1.0, "overhead_ms": 0.0,
+                     "axes": fit["axes"], "grids": grids,
                      "noise": {"median_spread": round(float(np.median(spreads)), 4),
                                "p90_spread": round(float(np.percentile(spreads, 90)), 4)},
                      "seconds": round(r1["seconds"] + r2["seconds"], 1)}

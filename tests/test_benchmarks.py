@@ -360,3 +360,42 @@ def test_device_venv_installs_only_the_runtime_and_times_every_stage(bundle_dir,
         assert m["total"] == pytest.approx(m["import"] + m["verify"] + m["interpreter"] + m["first_inference"])
     assert "./runtime[onnx]" in r["cold_start"]["onnx"]["error"]  # no onnxruntime in a [litert] venv
     assert (tmp_path / report.name.replace(".json", ".png")).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_latency_target_smoke(tmp_path, small_cifar_dir):
+    """FLOPs-targeted run -> its measured p50 as the budget -> latency-targeted run -> one final pass
+    with the dense network: real compress, export, profile and device_bench at their smallest."""
+    out = tmp_path / "lt"
+    args = ["--models", "vgg11", "--targets", "0.76", "--width", "0.25", "--epochs", "1", "--rounds", "1",
+            "--runs", "20", "--tables", str(tmp_path / "tables"), "--data-dir", str(small_cifar_dir),
+            "--profile-flags", "--grid coarse --rounds 3 --burst-ms 3",
+            "--extra", "--train-subset 256 --test-subset 128 --calib 32 --batch-size 64 --workers 1", "--out", str(out)]
+    proc = run_script("latency_target.py", *args, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "latency_target.json").read_text())
+    flops, lat = sorted(doc["pairs"], key=lambda p: p["kind"])
+    assert (flops["kind"], lat["kind"]) == ("flops", "latency")
+    assert flops["budget_ms"] == lat["budget_ms"] > 0
+    run = json.loads((out / "runs" / "vgg11-latency-76" / "report.json").read_text())
+    assert run["target"]["metric"] == "latency" and run["target"]["ms"] == pytest.approx(lat["budget_ms"], abs=1e-3)
+    for p in (flops, lat):
+        assert p["p50_ms"] > 0 and p["dense_p50_ms"] > 0 and 0 < p["flops_reduction"] < 1
+        assert p["speedup"] == pytest.approx(p["dense_p50_ms"] / p["p50_ms"], rel=1e-2)
+    assert len(doc["verdicts"]) == 1 and (out / "latency_target.png").is_file()
+    # a rerun redoes nothing: every step's output is there
+    again = run_script("latency_target.py", *args, timeout=300)
+    assert again.returncode == 0 and json.loads((out / "latency_target.json").read_text())["pairs"] == doc["pairs"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--targets", "0.5,x"], "expected comma-separated reductions"),
+    (["--targets", "1.2"], "strictly between 0 and 1"),
+    (["--rounds", "0"], "must be at least 1"),
+    (["--width", "0"], "expected a multiplier"),
+    (["--data-dir", "/nonexistent"], "has no cifar10.npz"),
+])
+def test_latency_target_bad_input_is_one_line_exit_2(args, message, small_cifar_dir):
+    base = [] if "--data-dir" in args else ["--data-dir", str(small_cifar_dir)]
+    proc = run_script("latency_target.py", *base, *args)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -67,14 +67,18 @@ def test_profile_writes_a_table_that_predicts_its_anchors(table_path):
     assert set(entry.grids) == set(raw["shapes"])  # every layer shape was timed
     for grid in entry.grids.values():
         assert np.all(np.isfinite(grid.ms)) and np.all(grid.ms >= 0)
-    # The whole network was measured dense and at half width; scale and overhead are fitted to them.
+    # The whole network was measured at five uniform widths and two uneven ones: the calibration
+    # curve goes through them (where the isotonic fit did not have to pool a noisy anchor).
     anchors = {a["name"]: a for a in raw["entries"][0]["anchors"]}
-    assert set(anchors) == {"dense", "half"}
+    assert set(anchors) == {"dense", "three-quarter", "half", "quarter", "eighth", "uneven-1", "uneven-2"}
+    curve = raw["entries"][0]["calibration"]
+    assert curve["sum_ms"] == sorted(curve["sum_ms"]) and curve["ms"] == sorted(curve["ms"])
     for a in anchors.values():
         assert a["measured_ms"] > 0 and a["sum_ms"] > 0
         assert entry.predict_keep(a["keep"]) == pytest.approx(a["predicted_ms"], rel=1e-4)
-    assert entry.overhead_ms >= 0 and 0.8 <= entry.scale <= 2.0
-    assert entry.predict_keep(None) > entry.predict_keep(anchors["half"]["keep"])
+    exact = [a for a in anchors.values() if a["predicted_ms"] == pytest.approx(a["measured_ms"], rel=1e-3)]
+    assert len(exact) >= 2
+    assert entry.predict_keep(None) >= entry.predict_keep(anchors["half"]["keep"])
     assert entry.predict_keep({g: 1 for g, _ in table.groups}) > 0
     # plateau sweep recorded per axis, and the board fingerprint
     assert raw["entries"][0]["axes"]["out"]["sweep"]["widths"][0] == 1
@@ -105,6 +109,31 @@ def test_profile_over_ssh_reuses_the_cache(table_path, probe_cache, tmp_path):
 
 
 SWEEP = [1] + list(range(2, 33, 2)) + list(range(40, 129, 8))
+
+
+def test_calibration_curve_is_sorted_monotone_and_proportional_outside():
+    from device_bench.profile import calibration_curve
+
+    curve = calibration_curve([2.0, 1.0, 4.0, 1.0, 3.0], [2.4, 1.0, 6.0, 1.2, 2.2])
+    assert curve == {"sum_ms": [1.0, 2.0, 3.0, 4.0], "ms": [1.1, 2.3, 2.3, 6.0]}  # merged, then pooled
+    table = lt.LatencyTable(_one_layer_table(curve), "t.json")
+    entry = table.entries[0]
+    assert entry.network_ms(1.5) == pytest.approx(1.7)             # linear between anchors
+    assert entry.network_ms(0.5) == pytest.approx(0.55)            # proportional below the first
+    assert entry.network_ms(8.0) == pytest.approx(12.0)            # and above the last
+    bad = _one_layer_table({"sum_ms": [2.0, 1.0], "ms": [1.0, 2.0]})
+    with pytest.raises(lt.TableError, match="invalid calibration"):
+        lt.LatencyTable(bad, "t.json")
+
+
+def _one_layer_table(calibration) -> dict:
+    return {"model": {"spec": "m"}, "board": {}, "groups": [{"name": "c", "size": 4}],
+            "shapes": {"s": {"op": "conv2d"}},
+            "layers": [{"name": "c", "op": "conv2d", "shape": "s", "in": {"const": 3, "groups": {}},
+                        "out": {"const": 0, "groups": {"c": 1}}}],
+            "entries": [{"format": "tflite", "threads": 1, "grids": {"s": {"in": [3], "out": [1, 4],
+                                                                         "ms": [[0.1, 0.4]]}},
+                         "calibration": calibration}]}
 
 
 def test_plateaus_of_a_tiled_runtime_and_of_a_smooth_one():
