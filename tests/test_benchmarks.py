@@ -399,3 +399,17 @@ def test_latency_target_bad_input_is_one_line_exit_2(args, message, small_cifar_
     base = [] if "--data-dir" in args else ["--data-dir", str(small_cifar_dir)]
     proc = run_script("latency_target.py", *base, *args)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_board_footprint_measures_the_aarch64_install(tmp_path):
+    """The board install resolved and installed for manylinux aarch64 (real wheels from the index)."""
+    proc = run_script("board_footprint.py", "--out", str(tmp_path), timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "board_footprint.json").read_text())
+    assert doc["install"] == 'pip install --no-compile "./runtime[litert]"'
+    names = set(doc["sizes"])
+    assert {"numpy", "ai_edge_litert", "runtime"} <= names and not names & {"pip", "setuptools", "torch"}
+    assert doc["numpy_extension"] and all("aarch64" in n for n in doc["numpy_extension"])
+    assert doc["total_bytes"] == doc["packages_bytes"] + doc["first_run_pyc_bytes"] and doc["first_run_pyc_bytes"] > 0
+    assert "goal <= 120 MB" in (tmp_path / "board_footprint.md").read_text()
