@@ -56,7 +56,7 @@ from benchmarks.latency_prediction import write_random_run  # noqa: E402
 
 TOLERANCE = 0.10        # measured p50 within +-10 % of the budget
 QUIET_LOAD = 0.9        # a measurement waits until the 1-min load average is below this ...
-QUIET_WAIT = 45 * 60    # ... for at most this long (s), then measures anyway and records the load
+QUIET_WAIT = 45 * 60    # ... for at most this long (s; --quiet-wait), then measures anyway and records the load
 EFFICIENCY_GOAL = 0.85  # ResNet-56: speed-up >= 0.85 x FLOPs ratio
 DEFAULT_TARGETS = {"resnet56": (0.5, 0.76), "vgg16": (0.76, 0.9)}
 
@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=300, help="timed invokes per measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds in the final pass")
+    p.add_argument("--quiet-wait", type=float, default=QUIET_WAIT, help="seconds a measurement may wait for the "
+                   f"1-min load average to fall below {QUIET_LOAD} (default {QUIET_WAIT}; 0: measure at once)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder with cifar10.npz")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier of the models (and their tables)")
     p.add_argument("--profile-flags", default="", help="more device_bench profile flags, e.g. '--grid coarse'")
@@ -159,11 +161,11 @@ def bundle(run: Path, args) -> Path:
     return dist
 
 
-def wait_quiet() -> float:
-    """Wait until nothing else loads the host (another job, the training this script just ran);
-    returns the load average the measurement starts at."""
+def wait_quiet(limit: float) -> float:
+    """Wait (at most `limit` s) until nothing else loads the host (another job, the training this
+    script just ran); returns the load average the measurement starts at."""
     started = time.time()
-    while os.getloadavg()[0] >= QUIET_LOAD and time.time() - started < QUIET_WAIT:
+    while os.getloadavg()[0] >= QUIET_LOAD and time.time() - started < limit:
         time.sleep(10)
     return round(os.getloadavg()[0], 2)
 
@@ -174,7 +176,7 @@ def measure(dist: Path, table: Path, tag: str, args, budget_ms: Optional[float] 
     report = args.out / "bench" / f"{dist.name}-{tag}.json"
     load_path = report.with_suffix(".load")
     if not report.is_file():
-        write_text(load_path, f"{wait_quiet()}\n")
+        write_text(load_path, f"{wait_quiet(args.quiet_wait)}\n")
         cmd = [PYTHON, "-m", "device_bench", "run", str(dist), "--formats", args.format, "--threads",
                str(args.threads), "--runs", str(args.runs), "--latency-table", str(table), "--out", str(report)]
         if budget_ms is not None:

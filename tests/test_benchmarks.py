@@ -367,10 +367,10 @@ def test_latency_target_smoke(tmp_path, small_cifar_dir):
     """FLOPs-targeted run -> its measured p50 as the budget -> latency-targeted run -> one final pass
     with the dense network: real compress, export, profile and device_bench at their smallest."""
     out = tmp_path / "lt"
-    args = ["--models", "vgg11", "--targets", "0.76", "--width", "0.25", "--epochs", "1", "--rounds", "1",
-            "--runs", "20", "--tables", str(tmp_path / "tables"), "--data-dir", str(small_cifar_dir),
+    args = ["--models", "vgg11", "--targets", "0.76", "--width", "0.25", "--epochs", "3", "--rounds", "1",
+            "--runs", "20", "--quiet-wait", "0", "--tables", str(tmp_path / "tables"), "--data-dir", str(small_cifar_dir),
             "--profile-flags", "--grid coarse --rounds 3 --burst-ms 3",
-            "--extra", "--train-subset 256 --test-subset 128 --calib 32 --batch-size 64 --workers 1", "--out", str(out)]
+            "--extra", "--train-subset 256 --test-subset 128 --calib 32 --batch-size 32 --workers 1", "--out", str(out)]
     proc = run_script("latency_target.py", *args, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads((out / "latency_target.json").read_text())
