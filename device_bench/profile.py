@@ -304,7 +304,8 @@ def grid_points(net: Dict[str, Any], axes_by_entry: List[Tuple[lt.Axis, lt.Axis]
 
 def fit_grid(shape_points: Tuple[List[int], List[int]], ms: np.ndarray, axis_in: lt.Axis, axis_out: lt.Axis,
              gemm: bool) -> Dict[str, Any]:
-    """A grid in effective widths: points on one plateau collapse into one (their mean)."""
+    """A grid in effective widths: points on one plateau collapse into one (their mean), the
+    values made non-decreasing in both widths."""
     p_in, p_out = shape_points
     e_in = axis_in.effective(p_in) if gemm else np.asarray(p_in)
     e_out = axis_out.effective(p_out) if gemm else np.asarray(p_out)
@@ -316,8 +317,11 @@ def fit_grid(shape_points: Tuple[List[int], List[int]], ms: np.ndarray, axis_in:
         for j, b in enumerate(inv_out):
             total[a, b] += ms[i, j]
             count[a, b] += 1
+    # A wider layer never costs less: timing noise must not make the grid fall along either axis
+    # (a running max along one axis keeps the other axis non-decreasing too).
+    ms_grid = np.maximum.accumulate(np.maximum.accumulate(total / count, axis=0), axis=1)
     return {"in": [int(x) for x in u_in], "out": [int(x) for x in u_out],
-            "ms": [[round(float(v), 6) for v in row] for row in total / count]}
+            "ms": [[round(float(v), 6) for v in row] for row in ms_grid]}
 
 
 def calibration_curve(sums: Sequence[float], measured: Sequence[float]) -> Dict[str, List[float]]:

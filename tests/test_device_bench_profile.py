@@ -111,6 +111,16 @@ def test_profile_over_ssh_reuses_the_cache(table_path, probe_cache, tmp_path):
 SWEEP = [1] + list(range(2, 33, 2)) + list(range(40, 129, 8))
 
 
+def test_grid_never_falls_with_width_whatever_the_noise():
+    from device_bench.profile import fit_grid
+
+    noisy = np.array([[1.0, 0.9, 2.0], [0.8, 1.5, 1.4]])   # (in 8, 16) x (out 8, 16, 32)
+    g = fit_grid(([8, 16], [8, 16, 32]), noisy, lt.Axis.identity(), lt.Axis.identity(), True)
+    ms = np.array(g["ms"])
+    assert np.all(np.diff(ms, axis=0) >= 0) and np.all(np.diff(ms, axis=1) >= 0)
+    assert ms.tolist() == [[1.0, 1.0, 2.0], [1.0, 1.5, 2.0]]
+
+
 def test_calibration_curve_is_sorted_monotone_and_proportional_outside():
     from device_bench.profile import calibration_curve
 
