@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, RESULTS, BenchError, meta, meta_markdown, write_json, write_text  # noqa: E402
+from benchmarks.common import REPO, RESULTS, BenchError, cli, meta, meta_markdown, write_json, write_text  # noqa: E402
 from benchmarks.device_venv import EXTRAS, board_env  # noqa: E402
 from board.root import TOOLING, device_install  # noqa: E402
 
@@ -122,8 +122,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

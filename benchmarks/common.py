@@ -34,6 +34,15 @@ class BenchError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+def cli(main) -> None:
+    """A benchmark script's entry point: main()'s status, a BenchError as one line and exit 2."""
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that raises BenchError (one line, exit 2) instead of printing the usage."""
 

@@ -30,6 +30,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS,
     BenchError,
     Parser,
+    cli,
     meta,
     meta_markdown,
     pyplot,
@@ -257,8 +258,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -41,6 +41,7 @@ from benchmarks.common import (  # noqa: E402
     RESULTS,
     BenchError,
     Parser,
+    cli,
     lock_folder,
     meta,
     meta_markdown,
@@ -366,8 +367,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)
