@@ -371,13 +371,31 @@ def publish(work: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def stored_config(work: Path) -> dict:
+def stored_extra(work: Path) -> dict:
+    """What the interrupted run saved beside its weights: its config and what it priced with."""
     import torch
     try:
         state = torch.load(work / "checkpoint.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"--resume: {work}/checkpoint.pt is unreadable ({type(exc).__name__})") from exc
-    config = state.get("extra", {}).get("config")
+    return state.get("extra", {})
+
+
+def check_resumed_table(stored: dict, target: Optional[dict]) -> None:
+    """A latency run continues only with the table it started with (the budget's reduction and
+    every selection were priced by it). Checkpoints from before this check carry no table hash."""
+    if "latency_table_sha256" not in stored:
+        return
+    was = stored["latency_table_sha256"]
+    now = ((target or {}).get("table") or {}).get("sha256")
+    if was != now:
+        path = ((target or {}).get("table") or {}).get("path", "the latency table")
+        raise UserError(f"--resume: {path} is not the table this run started with (sha256 {str(was)[:12]}, now "
+                        f"{str(now)[:12]}): put the original back, or start over with --force")
+
+
+def stored_config(work: Path) -> dict:
+    config = stored_extra(work).get("config")
     if not isinstance(config, dict):
         raise UserError(f"--resume: {work}/checkpoint.pt holds no run configuration")
     return config
@@ -503,8 +521,10 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
     spec = dict(spec=cfg.model, num_classes=num_classes, width=cfg.width)
     trainer = Trainer(plan.model, data, train_config, plan.phases, plan.callbacks, workdir=work,
                       input_shape=input_shape, arch_of=lambda m: arch_of(m, **spec), rebuild=rebuild,
-                      dist=dist_info, extra_state={"config": config_as_dict(cfg)})
+                      dist=dist_info, extra_state={"config": config_as_dict(cfg), "latency_table_sha256":
+                                                   ((plan.target or {}).get("table") or {}).get("sha256")})
     if resume:
+        check_resumed_table(stored_extra(work), plan.target)
         trainer.load_checkpoint(work / "checkpoint.pt")
     trainer.fit()
     # The numbers people compare: fp32, on the extracted network (every rank takes part), counted

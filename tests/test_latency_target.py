@@ -229,3 +229,17 @@ def test_cli_refuses_before_training(extra, message, table_path, data16, tmp_pat
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
     main_no_table = tiny16(data16, "--method", "seed", "--target", "latency=1ms", "--out", str(tmp_path / "r2"))
     assert main(main_no_table) == 2 and "needs --latency-table" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_latency_table():
+    from compress.cli import check_resumed_table
+
+    target = {"metric": "latency", "ms": 1.0, "table": {"path": "t.json", "sha256": "b" * 64}}
+    check_resumed_table({"latency_table_sha256": "b" * 64}, target)           # the same table
+    check_resumed_table({"latency_table_sha256": None}, {"metric": "flops"})   # no table either time
+    check_resumed_table({}, target)                                           # a checkpoint from before the check
+    with pytest.raises(UserError, match="t.json is not the table this run started with") as e:
+        check_resumed_table({"latency_table_sha256": "a" * 64}, target)
+    assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(UserError, match="not the table"):
+        check_resumed_table({"latency_table_sha256": "a" * 64}, {"metric": "flops"})
