@@ -29,7 +29,8 @@ from compress.prune.targets import parse_target
 
 _SEED = SeedConfig()   # the seed method's defaults, for the help text
 SEED_ONLY = ("prune_warmup", "prune_ramp", "prune_end", "prune_settle", "prune_every", "prune_smoothing",
-             "prune_hysteresis", "prune_budget_init", "soft_masks", "redistribute", "redistribute_by")
+             "prune_hysteresis", "prune_budget_init", "soft_masks", "redistribute", "redistribute_by",
+             "redistribute_every")
 
 METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "uniform", "none")
 SCHEDULES = ("onecycle", "cosine", "step")
@@ -96,6 +97,7 @@ class RunConfig:
     round_to: int = 1                        # kept widths in multiples of this (1: any width; 8 suits SIMD kernels)
     redistribute: Optional[float] = None     # seed: s, share of a donor layer's spare channels moved per epoch
     redistribute_by: Optional[str] = None    # seed: layer significance xi (compress/prune/seed.py, BENCHMARKS.md)
+    redistribute_every: Optional[int] = None  # seed: steps between redistributions (default one epoch)
     workers: int = 0                         # torch threads; 0 = torch's default
     progress: bool = True
 
@@ -211,6 +213,9 @@ def make_parser() -> argparse.ArgumentParser:
                                          "0 = never)")
     a("--redistribute-by", choices=REDISTRIBUTE_BY, help="seed: layer significance that picks donor and receiver layers: "
                                 f"{', '.join(REDISTRIBUTE_BY)} (default {_SEED.redistribute_by}; compress/prune/seed.py)")
+    a("--redistribute-every", type=int, metavar="STEPS",
+      help="seed: training steps between layer-budget redistributions (default one epoch; with a short budget "
+           "the masks can be final before the first one)")
     a("--workers", type=int, help="CPU threads for torch (default: torch's choice)")
     _bool_flag(p, "progress", "progress bars (default on)")
     a("--resume", action="store_true", help="continue the interrupted run in OUT.partial")

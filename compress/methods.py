@@ -281,6 +281,7 @@ def seed_options(cfg) -> dict:
     given = {"warmup": cfg.prune_warmup, "ramp": cfg.prune_ramp, "end": cfg.prune_end,
              "settle_epochs": cfg.prune_settle, "smoothing": cfg.prune_smoothing, "update_every": cfg.prune_every,
              "redistribute": cfg.redistribute, "redistribute_by": cfg.redistribute_by, "soft": cfg.soft_masks,
+             "redistribute_every": cfg.redistribute_every,
              "hysteresis": cfg.prune_hysteresis, "budget_init": cfg.prune_budget_init}
     return {k: v for k, v in given.items() if v is not None}
 

@@ -173,6 +173,7 @@ BAD_INPUTS = {
     "joint target twice": (["--target", "flops=0.2,flops=0.5"], "twice"),
     "settle too long": (["--target", "flops=0.5", "--prune-settle", "5"], "too short"),
     "time budget": (["--target", "flops=0.5", "--time-budget", "0"], "--time-budget"),
+    "redistribute-every negative": (["--target", "flops=0.5", "--redistribute-every", "-1"], "(--redistribute-every)"),
     "redistribute-by unknown": (["--target", "flops=0.5", "--redistribute-by", "cost"], "invalid choice"),
 }
 

@@ -172,13 +172,16 @@ def test_seed_knobs_are_settable_and_recorded(tmp_path: Path, small_cifar_dir: P
     compress_here(*tiny_args(small_cifar_dir, "--method", "seed", "--target", "flops=0.5", "--out", str(out),
                              "--epochs", "4", "--prune-warmup", "0.1", "--prune-ramp", "0.2", "--prune-end", "0.5",
                              "--prune-settle", "1", "--prune-every", "3", "--prune-smoothing", "0.8",
-                             "--redistribute", "0.2", "--redistribute-by", "utility-ratio", "--soft-masks"))
+                             "--redistribute", "0.2", "--redistribute-by", "utility-ratio", "--soft-masks",
+                             "--redistribute-every", "2"))
     report = report_of(out)
     steps = 192 // 32
     seed = report["pruning"]["seed"]
     assert seed["config"] == {**seed["config"], "warmup_steps": round(0.1 * 4 * steps), "ramp_steps": round(0.2 * 4 * steps),
                               "freeze_at": round(0.5 * 4 * steps), "settle_steps": steps, "update_every": 3,
-                              "smoothing": 0.8, "redistribute": 0.2, "redistribute_by": "utility-ratio", "soft": True}
+                              "smoothing": 0.8, "redistribute": 0.2, "redistribute_by": "utility-ratio", "soft": True,
+                              "redistribute_every": 2}
+    assert seed["channel_flips"]["period_steps"] == 2
     assert report["config"]["prune_ramp"] == 0.2 and report["config"]["soft_masks"] is True
     # the cut waits a full epoch after the last mask change
     assert report["pruning"]["extraction"]["epoch_step"] - seed["last_change_step"] >= steps

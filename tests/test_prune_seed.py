@@ -128,6 +128,27 @@ def test_bad_knobs_are_one_line_user_errors():
         SeedConfig.for_run("flops", 0.5, 1, 10)
 
 
+def test_redistribution_every_few_steps_moves_the_budgets_before_a_short_budget_freezes():
+    """Once an epoch, a 4-epoch schedule's masks are final (end of epoch 1) before the first
+    redistribution: the layer budgets never move. Every few steps they move while masks still can."""
+    def redistributions(**fields):
+        config = SeedConfig.for_run("flops", 0.5, epochs=4, steps_per_epoch=20, **fields)
+        model, groups, cost, pruner = _setup(config)
+        calls = []
+        real = pruner.redistribute
+        pruner.redistribute = lambda: (calls.append(pruner.steps), real())
+        _train(model, ChannelMasker(model, groups, record=True), pruner, 80)
+        return config, pruner, calls
+
+    config, pruner, calls = redistributions()
+    assert config.freeze_at == 20 and config.redistribute_every == 20 and calls == []
+    config, pruner, calls = redistributions(redistribute_every=4)
+    assert calls == [9, 13, 17] and all(step <= config.freeze_at for step in calls)
+    assert pruner.summary()["channel_flips"]["period_steps"] == 4
+    with pytest.raises(UserError, match="--redistribute-every"):
+        SeedConfig.for_run("flops", 0.5, 4, 20, redistribute_every=-1)
+
+
 def test_resume_gives_identical_masks():
     config = SeedConfig(metric="flops", reduction=0.4, warmup_steps=3, update_every=2, redistribute_every=6)
     model, groups, cost, pruner = _setup(config)

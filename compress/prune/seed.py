@@ -96,7 +96,7 @@ class SeedPruner:
         self.steps = 0
         self.mask_changes = 0     # updates that changed at least one channel
         self.last_change = 0      # step of the last update that changed a channel
-        self.flips: list[int] = []  # channels switched on or off, per redistribution period (churn)
+        self.flips: list[int] = []  # channels switched on or off per period of `flip_period` steps (churn)
 
     # ------------------------------------------------------------------ per step
 
@@ -181,7 +181,7 @@ class SeedPruner:
         changed = self.masks is None or flipped > 0
         self.masks = masks
         self.budgets = budget.counts(masks)
-        period = (self.steps - self.config.warmup_steps - 1) // max(self.config.redistribute_every, 1)
+        period = (self.steps - self.config.warmup_steps - 1) // self.flip_period
         while len(self.flips) <= period:
             self.flips.append(0)
         self.flips[period] += flipped
@@ -191,6 +191,11 @@ class SeedPruner:
         if changed or self.config.soft:
             return {n: m.clone() for n, m in masks.items()}
         return None
+
+    @property
+    def flip_period(self) -> int:
+        """The steps a `flips` entry counts over: the redistribution period (else the mask-update one)."""
+        return self.config.redistribute_every or self.config.update_every
 
     # ------------------------------------------------------------------ budgets
 
@@ -252,7 +257,7 @@ class SeedPruner:
     def summary(self) -> dict:
         """What report.json records of the run's pruning: the config in steps and how masks moved."""
         return {"config": asdict(self.config), "mask_changes": self.mask_changes, "last_change_step": self.last_change,
-                "channel_flips_per_epoch": list(self.flips)}
+                "channel_flips": {"period_steps": self.flip_period, "counts": list(self.flips)}}
 
     def state_dict(self) -> dict:
         return {

@@ -53,6 +53,10 @@ class SeedConfig:
         if self.update_every < 1:
             raise UserError(f"update_every (--prune-every), the steps between mask updates, must be >= 1, "
                             f"got {self.update_every}")
+        if isinstance(self.redistribute_every, bool) or not isinstance(self.redistribute_every, int) \
+                or self.redistribute_every < 0:
+            raise UserError(f"redistribute_every (--redistribute-every), the steps between budget redistributions, "
+                            f"must be a whole number >= 0 (0: never), got {self.redistribute_every!r}")
         if not 0 <= self.smoothing < 1:
             raise UserError(f"smoothing (--prune-smoothing), the utility smoothing eps, must be in [0, 1), "
                             f"got {self.smoothing}")
