@@ -376,14 +376,25 @@ def publish(work: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def stored_extra(work: Path) -> dict:
-    """What the interrupted run saved beside its weights: its config and what it priced with."""
+def load_resume_state(work: Path) -> dict:
+    """The interrupted run's checkpoint, read once: its config (in "extra") and the training state."""
     import torch
     try:
         state = torch.load(work / "checkpoint.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"--resume: {work}/checkpoint.pt is unreadable ({type(exc).__name__})") from exc
-    return state.get("extra", {})
+    if not isinstance(state, dict) or not isinstance(state.get("extra", {}).get("config"), dict):
+        raise UserError(f"--resume: {work}/checkpoint.pt holds no run configuration")
+    return state
+
+
+def stored_config(work: Path) -> dict:
+    return load_resume_state(work)["extra"]["config"]
+
+
+def table_sha(target: Optional[dict]) -> Optional[str]:
+    """The sha256 of the latency table a target was priced with (None: no table)."""
+    return ((target or {}).get("table") or {}).get("sha256")
 
 
 def check_resumed_table(stored: dict, target: Optional[dict]) -> None:
@@ -391,19 +402,11 @@ def check_resumed_table(stored: dict, target: Optional[dict]) -> None:
     every selection were priced by it). Checkpoints from before this check carry no table hash."""
     if "latency_table_sha256" not in stored:
         return
-    was = stored["latency_table_sha256"]
-    now = ((target or {}).get("table") or {}).get("sha256")
+    was, now = stored["latency_table_sha256"], table_sha(target)
     if was != now:
         path = ((target or {}).get("table") or {}).get("path", "the latency table")
         raise UserError(f"--resume: {path} is not the table this run started with (sha256 {str(was)[:12]}, now "
                         f"{str(now)[:12]}): put the original back, or start over with --force")
-
-
-def stored_config(work: Path) -> dict:
-    config = stored_extra(work).get("config")
-    if not isinstance(config, dict):
-        raise UserError(f"--resume: {work}/checkpoint.pt holds no run configuration")
-    return config
 
 
 def config_for_resume(args: argparse.Namespace, stored: dict) -> RunConfig:
@@ -430,6 +433,7 @@ def config_for_resume(args: argparse.Namespace, stored: dict) -> RunConfig:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     created: Optional[Path] = None   # the work folder this invocation made, removed if it fails early
+    resumed: Optional[dict] = None   # the checkpoint --resume continues from
     if argv and argv[0] == "info":
         from compress.info import main as info_main
         return info_main(argv[1:])
@@ -441,7 +445,8 @@ def main(argv=None) -> int:
         rank = int(os.environ.get("RANK", "0"))
         if args.resume:
             work = prepare_folders(out, resume=True, force=args.force) if rank == 0 else partial_dir(out)
-            cfg = config_for_resume(args, stored_config(partial_dir(out)))
+            resumed = load_resume_state(partial_dir(out))
+            cfg = config_for_resume(args, resumed["extra"]["config"])
             validate(cfg)
         else:
             cfg = resolve(args)
@@ -451,7 +456,7 @@ def main(argv=None) -> int:
                 created = work
         if not cfg.name:
             cfg.name = out.name
-        run(cfg, work=work, out=out, resume=args.resume)
+        run(cfg, work=work, out=out, resumed=resumed)
     except UserError as exc:
         _drop_if_empty(created)
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -486,8 +491,9 @@ def draw_subsets(data, cfg: RunConfig):
     return replace(data, **changes) if changes else data
 
 
-def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
-    """Train + prune per `cfg` in `work`, write the run folder, publish it as `out` (main rank)."""
+def run(cfg: RunConfig, *, work: Path, out: Path, resumed: Optional[dict] = None) -> None:
+    """Train + prune per `cfg` in `work`, write the run folder, publish it as `out` (main rank);
+    `resumed`: the interrupted run's checkpoint (load_resume_state) to continue from."""
     import torch
 
     from compress import methods, report
@@ -508,7 +514,7 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
     num_classes = cfg.num_classes or len(full.classes)
     hw = tuple(full.x_train.shape[1:3])
     input_shape = (1, 3, *hw)
-    if not resume:   # a resumed run keeps the choices its first session made (they are in its config)
+    if resumed is None:   # a resumed run keeps the choices its first session made (they are in its config)
         choose_precision_and_size(cfg, full, num_classes, input_shape, device)
     data = draw_subsets(full, cfg)
 
@@ -526,11 +532,11 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resume: bool) -> None:
     spec = dict(spec=cfg.model, num_classes=num_classes, width=cfg.width)
     trainer = Trainer(plan.model, data, train_config, plan.phases, plan.callbacks, workdir=work,
                       input_shape=input_shape, arch_of=lambda m: arch_of(m, **spec), rebuild=rebuild,
-                      dist=dist_info, extra_state={"config": config_as_dict(cfg), "latency_table_sha256":
-                                                   ((plan.target or {}).get("table") or {}).get("sha256")})
-    if resume:
-        check_resumed_table(stored_extra(work), plan.target)
-        trainer.load_checkpoint(work / "checkpoint.pt")
+                      dist=dist_info, extra_state={"config": config_as_dict(cfg),
+                                                   "latency_table_sha256": table_sha(plan.target)})
+    if resumed is not None:
+        check_resumed_table(resumed.get("extra", {}), plan.target)
+        trainer.load_state(resumed)
     trainer.fit()
     # The numbers people compare: fp32, on the extracted network (every rank takes part), counted
     # by compress.flops.

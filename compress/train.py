@@ -274,12 +274,15 @@ class Trainer:
         os.replace(tmp, self.checkpoint_path)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state(torch.load(path, map_location="cpu", weights_only=True), where=str(path))
+
+    def load_state(self, state: dict, where: str = "checkpoint") -> None:
+        """Continue from a checkpoint's contents (what `state_dict` saved)."""
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+            raise ValueError(f"{where}: unknown checkpoint format {state.get('format')!r}")
         if state["arch"]:
             if self.rebuild is None:
-                raise ValueError(f"{path}: the model was changed by surgery but no rebuild function was given")
+                raise ValueError(f"{where}: the model was changed by surgery but no rebuild function was given")
             self.model_replaced = True
             self._attach(self.rebuild(json.loads(state["arch"])))
         self.model.load_state_dict(state["model"])
