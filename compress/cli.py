@@ -95,7 +95,7 @@ class RunConfig:
     min_keep: float = 0.1                    # every group keeps at least this share (and >= 1 channel)
     cost_power: float = 0.0                  # rank channels by score / resource**cost_power (BENCHMARKS.md)
     round_to: int = 1                        # kept widths in multiples of this (1: any width; 8 suits SIMD kernels)
-    redistribute: Optional[float] = None     # seed: s, share of a donor layer's spare channels moved per epoch
+    redistribute: Optional[float] = None     # seed: s, share of a donor layer's spare channels moved per redistribution
     redistribute_by: Optional[str] = None    # seed: layer significance xi (compress/prune/seed.py, BENCHMARKS.md)
     redistribute_every: Optional[int] = None  # seed: steps between redistributions (default one epoch)
     workers: int = 0                         # torch threads; 0 = torch's default
@@ -209,7 +209,7 @@ def make_parser() -> argparse.ArgumentParser:
     a("--round-to", type=int, help="seed, l1, slimming, taylor: keep every layer's width a multiple of N (or "
                                    "whole); 8 or 16 fill a CPU's vector units better (default 1: any width)")
     a("--redistribute", type=float, help="seed: s, the share of a low-significance layer's channels above the "
-                                         f"minimum width moved to other layers each epoch (default {_SEED.redistribute}; "
+                                         f"minimum width moved to other layers per redistribution (default {_SEED.redistribute}; "
                                          "0 = never)")
     a("--redistribute-by", choices=REDISTRIBUTE_BY, help="seed: layer significance that picks donor and receiver layers: "
                                 f"{', '.join(REDISTRIBUTE_BY)} (default {_SEED.redistribute_by}; compress/prune/seed.py)")
@@ -392,9 +392,13 @@ def stored_config(work: Path) -> dict:
     return load_resume_state(work)["extra"]["config"]
 
 
+def _table_of(target: Optional[dict]) -> dict:
+    """What a target records of the latency table it was priced with ({}: no table)."""
+    return (target or {}).get("table") or {}
+
+
 def table_sha(target: Optional[dict]) -> Optional[str]:
-    """The sha256 of the latency table a target was priced with (None: no table)."""
-    return ((target or {}).get("table") or {}).get("sha256")
+    return _table_of(target).get("sha256")
 
 
 def check_resumed_table(stored: dict, target: Optional[dict]) -> None:
@@ -404,7 +408,7 @@ def check_resumed_table(stored: dict, target: Optional[dict]) -> None:
         return
     was, now = stored["latency_table_sha256"], table_sha(target)
     if was != now:
-        path = ((target or {}).get("table") or {}).get("path", "the latency table")
+        path = _table_of(target).get("path", "the latency table")
         raise UserError(f"--resume: {path} is not the table this run started with (sha256 {str(was)[:12]}, now "
                         f"{str(now)[:12]}): put the original back, or start over with --force")
 
