@@ -175,21 +175,43 @@ def lock_folder(folder: Path) -> int:
     return fd
 
 
+class Logged:
+    """A command started with its stdout+stderr appended to a log (the command line and the time
+    first); `wait()` gives (exit status, wall seconds). Several can run at once."""
+
+    def __init__(self, cmd: Sequence[str], log: Path, pass_fds: Sequence[int] = ()):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        self.file = open(log, "a")
+        self.file.write(f"\n$ {shlex.join(cmd)}   # {now_iso()}\n")
+        self.file.flush()
+        try:
+            self.proc = subprocess.Popen(list(cmd), stdout=self.file, stderr=subprocess.STDOUT, env=child_env(),
+                                         pass_fds=tuple(pass_fds))
+        except BaseException:
+            self.file.close()
+            raise
+
+    def poll(self) -> Optional[int]:
+        return self.proc.poll()
+
+    def wait(self, timeout: Optional[float] = None) -> tuple[int, float]:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            self.file.write(f"timed out after {timeout} s\n")
+            rc = 124
+        finally:
+            self.file.close()
+        return rc, time.perf_counter() - self.started
+
+
 def run_logged(cmd: Sequence[str], log: Path, timeout: Optional[float] = None,
                pass_fds: Sequence[int] = ()) -> tuple[int, float]:
     """Run `cmd` with its stdout+stderr appended to `log`; returns (exit status, wall seconds)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"\n$ {shlex.join(cmd)}   # {now_iso()}\n")
-        f.flush()
-        try:
-            rc = subprocess.run(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=child_env(),
-                                timeout=timeout, pass_fds=tuple(pass_fds)).returncode
-        except subprocess.TimeoutExpired:
-            f.write(f"timed out after {timeout} s\n")
-            rc = 124
-    return rc, time.perf_counter() - started
+    return Logged(cmd, log, pass_fds).wait(timeout)
 
 
 def tail(path: Path, lines: int = 5) -> str:

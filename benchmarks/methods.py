@@ -43,13 +43,13 @@ from benchmarks.common import (  # noqa: E402
     PYTHON,
     RESULTS,
     BenchError,
+    Logged,
     Parser,
     lock_folder,
     meta,
     meta_markdown,
     pyplot,
     read_json,
-    run_logged,
     save_figure,
     tail,
     write_json,
@@ -134,10 +134,11 @@ def plan(models: list[str], methods: list[str], targets: dict, seeds: tuple = (0
 
 @dataclass
 class Layout:
-    root: Path
+    root: Path                        # results: logs, reports, tables, plot (small, committed)
+    runs: Optional[Path] = None       # run folders (weights, checkpoints); default root/runs
 
     def run(self, config: Config) -> Path:
-        return self.root / "runs" / config.name
+        return (self.runs or self.root / "runs") / config.name
 
     def log(self, config: Config) -> Path:
         return self.root / "logs" / f"{config.name}.log"
@@ -217,41 +218,79 @@ def known_wall(recorded: Optional[float], train_seconds: float) -> Optional[floa
     return recorded if recorded is not None and recorded >= train_seconds else None
 
 
+def with_threads(extra: tuple, jobs: int) -> tuple:
+    """The flags for every run: with several at once, each gets its share of the cores as torch
+    threads (unless --compress-arg gives --workers), so they do not fight over them."""
+    if jobs <= 1 or any(f == "--workers" or f.startswith("--workers=") for f in extra):
+        return extra
+    return (*extra, f"--workers={max(1, (os.cpu_count() or 1) // jobs)}")
+
+
 def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Optional[str], extra: tuple,
-            dry_run: bool) -> dict[str, str]:
-    """Run what is not done yet; returns {name: "done" | "ran" | "failed: ..." | "blocked: ..."}."""
+            dry_run: bool, jobs: int = 1) -> dict[str, str]:
+    """Run what is not done yet, up to `jobs` at once; returns {name: "done" | "ran" | "failed: ..." |
+    "blocked: ..."}. A run that takes the seed run's widths starts once that one has finished."""
     from tqdm import tqdm
 
-    status: dict[str, str] = {}
+    status: dict[str, str] = {c.name: "done" for c in configs if layout.finished(c) is not None}
+    todo = [c for c in configs if c.name not in status]
+    if dry_run:   # pretend each command succeeds, so what depends on it is listed too
+        for c in todo:
+            print(shlex.join(command(c, preset, layout, data_dir, with_threads(extra, jobs))))
+        return {c.name: "pending" for c in todo}
+    if not todo:
+        return status
     walls = read_json(layout.walls) if layout.walls.is_file() else {}
-    todo = [c for c in configs if layout.finished(c) is None]
-    for c in configs:
-        if c not in todo:
-            status[c.name] = "done"
     # The lock is inherited by every run started, so an orphaned run still blocks the next session.
-    lock = None if dry_run or not todo else lock_folder(layout.root)
-    bar = tqdm(todo, desc="methods", unit="run", disable=dry_run or not todo, dynamic_ncols=True)
-    for c in bar:
-        bar.set_postfix_str(c.name)
-        seed = Config(c.model, "seed", c.target, c.seed)
-        if c.method in NEEDS_SEED_WIDTHS and layout.finished(seed) is None and status.get(seed.name) != "pending":
-            status[c.name] = "blocked: the seed run at this target did not finish"
-            continue
-        cmd = command(c, preset, layout, data_dir, extra)
-        if dry_run:   # a dry run pretends each command succeeds, so what depends on it is listed too
-            print(shlex.join(cmd))
-            status[c.name] = "pending"
-            continue
-        rc, seconds = run_logged(cmd, layout.log(c), pass_fds=(lock,))
+    lock = lock_folder(layout.root)
+    extra = with_threads(extra, jobs)
+    running: dict[str, tuple[Config, list[str], Logged]] = {}
+    bar = tqdm(total=len(todo), desc="methods", unit="run", dynamic_ncols=True)
+
+    def finish(name: str) -> None:
+        c, cmd, started = running.pop(name)
+        rc, seconds = started.wait()
         walls[c.name] = wall_after(walls.get(c.name), cmd, seconds)
         write_json(layout.walls, walls)
         if rc == 0 and is_done(layout.run(c)):
             keep_copy(layout, c)
             status[c.name] = "ran"
         else:
-            last = tail(layout.log(c), 1)
-            status[c.name] = f"failed (exit {rc}): {last}"
+            status[c.name] = f"failed (exit {rc}): {tail(layout.log(c), 1)}"
             tqdm.write(f"{c.name}: failed (exit {rc}), see {layout.log(c)}\n{tail(layout.log(c), 5)}")
+        bar.update(1)
+
+    try:
+        while todo or running:
+            for c in list(todo):
+                if len(running) >= jobs:
+                    break
+                if c.method in NEEDS_SEED_WIDTHS:
+                    seed = Config(c.model, "seed", c.target, c.seed)
+                    if seed.name in running or seed in todo:
+                        continue   # waits for its widths
+                    if layout.finished(seed) is None:
+                        todo.remove(c)
+                        status[c.name] = "blocked: the seed run at this target did not finish"
+                        bar.update(1)
+                        continue
+                todo.remove(c)
+                cmd = command(c, preset, layout, data_dir, extra)
+                running[c.name] = (c, cmd, Logged(cmd, layout.log(c), pass_fds=(lock,)))
+            bar.set_postfix_str(", ".join(running))
+            if not running:
+                continue
+            done = [name for name, (_, _, started) in running.items() if started.poll() is not None]
+            for name in done:
+                finish(name)
+            if not done:
+                time.sleep(1.0)
+    finally:   # Ctrl-C: the runs keep their last checkpoint; stop them with us, as a blocking run would be
+        for _, _, started in running.values():
+            started.proc.terminate()
+        for _, _, started in running.values():
+            started.wait()
+        bar.close()
     return status
 
 
@@ -451,6 +490,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dense", action="store_true", help="leave out the dense reference run")
     p.add_argument("--compress-arg", action="append", default=[], metavar="FLAG",
                    help="extra flag for every run, e.g. --compress-arg=--workers=2 (repeatable; same for all methods)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each with its share of the cores as torch "
+                   "threads (default 1; 2 on a 2-core host trains two slim networks faster than one at a time)")
+    p.add_argument("--runs", help="where the run folders (weights, checkpoints) go (default RESULTS/runs); a "
+                   "folder outside a work tree that is laid anew keeps half-done runs for the next session")
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run; run nothing")
     p.add_argument("--report-only", action="store_true", help="aggregate the finished runs; run nothing")
     return p
@@ -478,7 +521,12 @@ def main(argv=None) -> int:
         if root.exists() and not root.is_dir():
             raise BenchError(f"--results {root}: exists and is not a folder")
         data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-        layout = Layout(root.resolve())
+        if args.jobs < 1:
+            raise BenchError(f"--jobs {args.jobs}: must be at least 1")
+        runs = Path(args.runs).expanduser() if args.runs else None
+        if runs is not None and runs.exists() and not runs.is_dir():
+            raise BenchError(f"--runs {runs}: exists and is not a folder")
+        layout = Layout(root.resolve(), runs.resolve() if runs else None)
         try:
             seeds = tuple(int(t) for t in parse_list(args.seeds, "seeds"))
         except ValueError:
@@ -493,7 +541,7 @@ def main(argv=None) -> int:
     info = meta(argv)
     try:
         status = {} if args.report_only else run_all(configs, args.preset, layout, data_dir,
-                                                     tuple(args.compress_arg), args.dry_run)
+                                                     tuple(args.compress_arg), args.dry_run, args.jobs)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

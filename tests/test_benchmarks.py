@@ -28,8 +28,13 @@ def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.Comp
 
 
 def methods_args(results: Path, data_dir: Path) -> list[str]:
+    # two runs at once (random waits for the seed run's widths), run folders outside the results
     return ["--preset", "smoke", "--methods", SMOKE_METHODS, "--targets", "0.5", "--results", str(results),
-            "--data-dir", str(data_dir), "--compress-arg=--workers=1"]
+            "--data-dir", str(data_dir), "--compress-arg=--workers=1", "--jobs", "2", "--runs", str(runs_of(results))]
+
+
+def runs_of(results: Path) -> Path:
+    return results.parent / "runs-elsewhere"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,8 @@ def test_methods_smoke_runs_every_configuration(smoke_results):
         assert abs(rows[name]["flops_reduction"] - 0.5) <= 0.01, name
         assert 0.0 <= rows[name]["top1"] <= 1.0
     # random pruning takes the seed run's per-layer widths
-    arch = {n: json.loads((smoke_results / "runs" / n / "arch.json").read_text())["modules"]
+    assert not (smoke_results / "runs").exists()
+    arch = {n: json.loads((runs_of(smoke_results) / n / "arch.json").read_text())["modules"]
             for n in ("vgg16-seed-f50", "vgg16-random-f50")}
     assert arch["vgg16-seed-f50"] == arch["vgg16-random-f50"]
     # the same epoch budget for every method
@@ -81,7 +87,7 @@ def test_torch_pruning_run_folder_matches_compress_schema(smoke_results):
     from safetensors.torch import load_file
 
     from compress.prune.surgery import rebuild
-    runs = smoke_results / "runs"
+    runs = runs_of(smoke_results)
     seed = json.loads((runs / "vgg16-seed-f50" / "report.json").read_text())
     tp = json.loads((runs / "vgg16-torch-pruning-f50" / "report.json").read_text())
     assert set(seed) <= set(tp)
@@ -102,7 +108,7 @@ def test_torch_pruning_run_folder_matches_compress_schema(smoke_results):
 
 @pytest.mark.slow
 def test_training_curves_reads_real_runs(smoke_results, tmp_path):
-    runs = smoke_results / "runs"
+    runs = runs_of(smoke_results)
     proc = run_script("training_curves.py", str(runs / "vgg16-none"), str(runs / "vgg16-seed-f50"),
                       "--out", str(tmp_path / "curves"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -149,6 +155,23 @@ def test_methods_resumes_a_half_done_run(tmp_path):
     cmd = methods.command(config, "cpu", layout, None, ())
     assert "--resume" in cmd and "--force" not in cmd
     assert cmd[cmd.index("--target") + 1] == "flops=0.76" and cmd[cmd.index("--epochs") + 1] == "4"
+
+
+def test_methods_gives_each_of_several_runs_its_share_of_the_cores(monkeypatch):
+    monkeypatch.setattr(methods.os, "cpu_count", lambda: 4)
+    assert methods.with_threads(("--epochs", "4"), 1) == ("--epochs", "4")
+    assert methods.with_threads(("--epochs", "4"), 2) == ("--epochs", "4", "--workers=2")
+    assert methods.with_threads(("--workers=3",), 2) == ("--workers=3",)      # the user's choice wins
+    assert methods.with_threads((), 8) == ("--workers=1",)
+
+
+def test_methods_bad_jobs_or_runs_is_one_line_exit_2(tmp_path):
+    (tmp_path / "file").write_text("")
+    for args, message in ((["--jobs", "0"], "--jobs 0: must be at least 1"),
+                          (["--runs", str(tmp_path / "file")], "exists and is not a folder")):
+        proc = run_script("methods.py", "--results", str(tmp_path / "r"), *args)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_methods_wall_time_adds_up_only_across_a_resumed_run():
@@ -255,7 +278,7 @@ def test_torch_pruning_peer_refuses_compress_options_it_cannot_honour(flag, mess
 
 @pytest.mark.slow
 def test_latency_vs_flops_smoke(smoke_results, tmp_path):
-    runs = smoke_results / "runs"
+    runs = runs_of(smoke_results)
     out = tmp_path / "lat"
     proc = run_script("latency_vs_flops.py", "--dense", str(runs / "vgg16-none"), "--slim",
                       str(runs / "vgg16-seed-f50"), "--formats", "onnx,onnx-int8", "--threads", "1",
