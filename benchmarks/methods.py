@@ -491,7 +491,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress-arg", action="append", default=[], metavar="FLAG",
                    help="extra flag for every run, e.g. --compress-arg=--workers=2 (repeatable; same for all methods)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each with its share of the cores as torch "
-                   "threads (default 1; 2 on a 2-core host trains two slim networks faster than one at a time)")
+                   "threads (default 1)")
     p.add_argument("--runs", help="where the run folders (weights, checkpoints) go (default RESULTS/runs); a "
                    "folder outside a work tree that is laid anew keeps half-done runs for the next session")
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run; run nothing")
