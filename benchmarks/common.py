@@ -102,10 +102,10 @@ def meta_markdown(m: dict) -> list[str]:
             f"- machine: {mach['cpu']}, {mach['cores_usable']}/{mach['cores']} cores, {mach['os']}"
             + (f", load average at start {load[0]:.2f}" if load else ""),
             f"- versions: {pkgs}",
-            f"- code: {_code_text(m.get('code'))}"]
+            f"- code: {code_text(m.get('code'))}"]
 
 
-def _code_text(code: Optional[dict]) -> str:
+def code_text(code: Optional[dict]) -> str:
     if not code or not code.get("commit"):
         return "not a git checkout" if code else "not recorded"
     return code["commit"][:12] + (" (with uncommitted changes)" if code.get("dirty") else "")

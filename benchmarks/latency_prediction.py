@@ -13,6 +13,11 @@ device_bench run --latency-table OUT/tables/MODEL.json`, whose report holds pred
 measured p50 per format and thread count. Target: every prediction within +-10 % of the measured
 p50. Writes OUT/latency_prediction.json, .md and .png (predicted vs measured). A finished
 configuration (its bench report exists) is not redone: rerun the same command to continue.
+
+--repredict measures nothing: it predicts every finished network again from its table with
+today's table code (the network's kept counts are drawn again from its seed), keeping the
+prediction made at measurement time beside it, so a change to how tables predict is judged on
+the same measurements.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from benchmarks.common import (  # noqa: E402
     BenchError,
     Parser,
     cli,
+    code_text,
     meta,
     meta_markdown,
     pyplot,
@@ -59,9 +65,12 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=RESULTS / "latency-prediction")
     p.add_argument("--fresh-tables", action="store_true", help="profile again even if a table exists")
     p.add_argument("--report-only", action="store_true", help="summarise what is finished, measure nothing")
+    p.add_argument("--repredict", action="store_true", help="measure nothing; predict the finished networks "
+                   "again with today's table code, beside the prediction made when they were measured")
     args = p.parse_args(argv)
     if args.configs < 1:
         raise BenchError("--configs must be at least 1")
+    args.report_only = args.report_only or args.repredict
     if not (args.data_dir / "cifar10.npz").is_file() and not args.report_only:
         raise BenchError(f"--data-dir {args.data_dir} has no cifar10.npz")
     return args
@@ -81,11 +90,46 @@ def profile_table(model: str, args, log: Path) -> Path:
     return table
 
 
+def random_masks(groups, seed: int, keep_range=KEEP_RANGE) -> Dict[str, Any]:
+    """Per group (name, size), in model order: a boolean mask keeping a random share in `keep_range`
+    of random channels. Seeded: the same groups and seed draw the same masks (--repredict)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    masks = {}
+    for name, size in groups:
+        k = int(np.clip(round(rng.uniform(*keep_range) * size), 1, size))
+        mask = np.zeros(size, dtype=bool)
+        mask[rng.permutation(size)[:k]] = True
+        masks[name] = mask
+    return masks
+
+
+def config_seed(args, model: str, index: int) -> int:
+    return args.seed * 1000 + index + sum(map(ord, model))
+
+
+def repredict(result: Dict[str, Any], table_path: Path, args) -> None:
+    """Predict `result`'s network again with today's table code (see the module docstring)."""
+    from device_bench.latency_table import load_table
+
+    table = load_table(table_path)
+    index = int(result["config"].rsplit("-r", 1)[1])
+    keep = {n: int(m.sum()) for n, m in random_masks(table.groups, config_seed(args, result["model"], index)).items()}
+    for row in result["rows"]:
+        entry = table.find(row["format"], row["threads"])
+        if entry is None or row.get("predicted_ms") is None:
+            continue
+        row.setdefault("predicted_ms_at_measurement", row["predicted_ms"])
+        row.setdefault("error_at_measurement", row["error"])
+        row["predicted_ms"] = round(float(entry.predict_keep(keep)), 6)
+        row["error"] = round(row["predicted_ms"] / row["measured_p50_ms"] - 1, 4)
+
+
 def write_random_run(model_name: str, folder: Path, *, seed: int, data_dir: Path,
                      keep_range=KEEP_RANGE, width: float = 1.0) -> Dict[str, int]:
     """A run folder holding an untrained `model_name` with random channels kept in every group: a
     share uniform in `keep_range` of each group ((1.0, 1.0): the dense network). Latency only."""
-    import numpy as np
     import torch
 
     from compress.data import load_dataset, subset
@@ -94,17 +138,13 @@ def write_random_run(model_name: str, folder: Path, *, seed: int, data_dir: Path
     from compress.prune import arch_of, extract, find_groups
     from compress.report import write_run_folder
 
-    rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model = build_model(model_name, 10, width).eval()
     example = torch.randn(1, 3, 32, 32)
     groups = find_groups(model, example)
-    masks, keep = {}, {}
-    for g in groups:
-        k = int(np.clip(round(rng.uniform(*keep_range) * g.size), 1, g.size))
-        mask = torch.zeros(g.size, dtype=torch.bool)
-        mask[torch.from_numpy(rng.permutation(g.size)[:k])] = True
-        masks[g.name], keep[g.name] = mask, k
+    masks = {name: torch.from_numpy(mask) for name, mask in random_masks([(g.name, g.size) for g in groups],
+                                                                         seed, keep_range).items()}
+    keep = {name: int(mask.sum()) for name, mask in masks.items()}
     slim = extract(model, groups, masks, example).eval()
     data = subset(load_dataset("cifar10", data_dir, download=False), train=256, test=64)
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,7 +162,7 @@ def measure_config(model: str, index: int, table: Path, args) -> Dict[str, Any]:
     if not bench.is_file():
         run, dist = args.out / "runs" / name, args.out / "dist" / name
         if not (run / "report.json").is_file():
-            write_random_run(model, run, seed=args.seed * 1000 + index + sum(map(ord, model)),
+            write_random_run(model, run, seed=config_seed(args, model, index),
                              data_dir=args.data_dir)
         if not (dist / "manifest.json").is_file():
             rc, _ = run_logged([PYTHON, "-m", "export", str(run), "--out", str(dist), "--formats", args.formats,
@@ -135,11 +175,21 @@ def measure_config(model: str, index: int, table: Path, args) -> Dict[str, Any]:
         if rc != 0 or not bench.is_file():
             raise BenchError(f"device_bench run of {name} failed (exit {rc}): {tail(log, 1)} (log: {log})")
     report = read_json(bench)
-    source = read_json(args.out / "runs" / name / "report.json")
-    flops = source["slim"]["flops"] / source["dense"]["flops"]
-    return {"model": model, "config": name, "flops_fraction": round(flops, 4),
+    source = args.out / "runs" / name / "report.json"
+    if source.is_file():
+        source = read_json(source)
+        flops = round(source["slim"]["flops"] / source["dense"]["flops"], 4)
+    else:   # a clone has the bench reports, not the run folders: the last summary has the FLOPs
+        flops = earlier_result(args, name).get("flops_fraction")
+    return {"model": model, "config": name, "flops_fraction": flops,
             "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "rows": report["latency_check"]["results"], "warnings": report["latency_check"]["warnings"]}
+
+
+def earlier_result(args, name: str) -> Dict[str, Any]:
+    path = args.out / "latency_prediction.json"
+    earlier = read_json(path).get("results", []) if path.is_file() else []
+    return next((r for r in earlier if r.get("config") == name), {})
 
 
 def summarize(results: List[Dict[str, Any]], tables: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -192,6 +242,11 @@ def plot(results: List[Dict[str, Any]], path: Path) -> None:
 
 def markdown(doc: Dict[str, Any]) -> str:
     lines = ["# Latency table: predicted vs measured p50 on held-out widths", ""] + meta_markdown(doc["meta"])
+    again = doc["meta"].get("repredicted")
+    if again:
+        lines += [f"- predictions made again on {again['created']} by `{again['command']}` at code "
+                  f"{code_text(again.get('code'))}: the measurements above, that code's table predictions "
+                  f"(the ones made at measurement time in the last columns)"]
     lines += [f"- load average at the end: {doc.get('load_average_end')}", "",
               f"Target: every prediction within ±{TARGET * 100:.0f} % of the measured p50.", "",
               "| model | format | threads | networks | mean error | max abs error | within ±10 % | table noise |",
@@ -204,14 +259,24 @@ def markdown(doc: Dict[str, Any]) -> str:
               "probe cache empty unless said):", "", "| model | wall | probes converted | entries |", "|---|---|---|---|"]
     for model, t in doc["profiles"].items():
         lines.append(f"| {model} | {t['wall_seconds'] / 60:.1f} min | {t['probes_converted']} | {t['entries']} |")
-    lines += ["", "Every network:", "", "| network | FLOPs | format | threads | measured p50 | predicted | error |",
-              "|---|---|---|---|---|---|---|"]
+    then = " predicted then | error then |" if again else ""
+    lines += ["", "Every network:", "", "| network | FLOPs | format | threads | measured p50 | predicted | error |" + then,
+              "|---|---|---|---|---|---|---|" + ("---|---|" if again else "")]
+
+    def ms(v):
+        return f"{v:.3f}" if v is not None else "–"
+
+    def pct(v):
+        return f"{v * 100:+.1f} %" if v is not None else "–"
+
     for r in doc["results"]:
         for row in r["rows"]:
-            err = f"{row['error'] * 100:+.1f} %" if row.get("error") is not None else "–"
-            pred = f"{row['predicted_ms']:.3f}" if row.get("predicted_ms") is not None else "–"
-            lines.append(f"| {r['config']} | {r['flops_fraction'] * 100:.0f} % | {row['format']} | {row['threads']} | "
-                         f"{row['measured_p50_ms']:.3f} | {pred} | {err} |")
+            flops = f"{r['flops_fraction'] * 100:.0f} %" if r.get("flops_fraction") is not None else "–"
+            cells = [r["config"], flops, row["format"], str(row["threads"]),
+                     ms(row["measured_p50_ms"]), ms(row.get("predicted_ms")), pct(row.get("error"))]
+            if again:
+                cells += [ms(row.get("predicted_ms_at_measurement")), pct(row.get("error_at_measurement"))]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![predicted vs measured](latency_prediction.png)", ""]
     return "\n".join(lines)
 
@@ -239,6 +304,8 @@ def main(argv=None) -> int:
             try:
                 started_at = time.time()
                 results.append(measure_config(model, i, table_path, args))
+                if args.repredict:
+                    repredict(results[-1], table_path, args)
                 print(f"{model}-r{i}: " + ", ".join(
                     f"{row['format']} x{row['threads']} {row['error'] * 100:+.1f} %" for row in results[-1]["rows"]
                     if row.get("error") is not None) + f" ({time.time() - started_at:.0f} s)", file=sys.stderr, flush=True)
@@ -246,8 +313,13 @@ def main(argv=None) -> int:
                 failed.append(str(e))
                 print(f"FAILED {e}", file=sys.stderr, flush=True)
     started["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    doc = {"meta": started, "target": TARGET, "keep_range": KEEP_RANGE,
-           "load_average_end": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    if args.repredict:   # the measurements are the earlier run's: its provenance stays, today's code is added
+        earlier = read_json(args.out / "latency_prediction.json") if (args.out / "latency_prediction.json").is_file() else {}
+        started = {**earlier.get("meta", started), "repredicted": started}
+        load_end = earlier.get("load_average_end")
+    else:
+        load_end = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    doc = {"meta": started, "target": TARGET, "keep_range": KEEP_RANGE, "load_average_end": load_end,
            "profiles": profiles, "summary": summarize(results, tables), "results": results, "failed": failed}
     write_json(args.out / "latency_prediction.json", doc)
     if results:

@@ -17,7 +17,11 @@ How a layer is costed (docs/latency-table.md has the measurements behind it). A 
 is a staircase in each width: runtimes pad channels to their SIMD tiles, so on a plateau every
 width costs what its top costs. The profile sweeps one 3x3 conv's input and output width on the
 board and records the plateaus it finds ("flat gaps" [lo, hi]: every width in it costs what `hi`
-costs); `Axis` turns a width into its plateau top ("effective width"). Each distinct layer shape
+costs); `Axis` turns a width into its plateau top ("effective width"). A top can be a fast path
+of its own: XNNPACK fp32 on an AMD EPYC ran a conv with 32 output channels in 0.76x the time of
+18..30 (its "dips", read from the sweep, factor < 1); a grid point at such a top is that top's
+cost, so widths inside the plateau are costed at the top's value divided by its dip, and only the
+top itself keeps the fast path. Each distinct layer shape
 (kernel, stride, input size, op) was then timed on the board at a few (in, out) grid points that
 are plateau tops; between them the latency is bilinear in the effective widths, which is what a
 padded GEMM's work is. A whole network costs more than the sum of its layers timed alone, and
@@ -25,7 +29,10 @@ the more so the bigger it is (its weights and activations no longer stay in the 
 layers), so the sum is mapped to network latency by a calibration curve measured on the board:
 whole networks at several widths ("anchors"), their measured ms against their sum of layers,
 made non-decreasing, linear between anchors and proportional beyond the first and last one.
-(Tables from before the curve carry a line instead: scale * sum(layers) + overhead_ms.)
+The curve is derived from the anchors when a table is loaded (their widths and measured ms are
+the facts; the stored curve is what the profile computed then, for reading), so a change to how
+layers are costed recalibrates old tables too. (Tables from before the curve carry a line
+instead: scale * sum(layers) + overhead_ms.)
 
 Everything a pruner queries is a lookup in per-shape tables precomputed for every integer width
 up to the dense one, so `total` and `removal_savings` cost microseconds.
@@ -83,9 +90,11 @@ class Axis:
             (0: widths beyond the sweep are their own effective width).
     """
 
-    def __init__(self, flat: Sequence[Sequence[int]] = (), sweep_max: int = 0, period: int = 0, last_top: int = 0):
+    def __init__(self, flat: Sequence[Sequence[int]] = (), sweep_max: int = 0, period: int = 0, last_top: int = 0,
+                 dips: Optional[Mapping[int, float]] = None):
         self.flat = [(int(lo), int(hi)) for lo, hi in flat]
         self.sweep_max, self.period, self.last_top = int(sweep_max), int(period), int(last_top)
+        self.dips = {int(w): float(f) for w, f in (dips or {}).items()}   # plateau top -> its ms / the plateau's
 
     @classmethod
     def identity(cls) -> Axis:
@@ -96,10 +105,13 @@ class Axis:
                 "last_top": self.last_top}
 
     @classmethod
-    def from_json(cls, d: Optional[Mapping[str, Any]]) -> Axis:
+    def from_json(cls, d: Optional[Mapping[str, Any]], tolerance: float = 0.0) -> Axis:
+        """From a table's axis JSON; the dips from its raw sweep, beyond `tolerance` (find_dips)."""
         if not d:
             return cls.identity()
-        return cls(d.get("flat", ()), d.get("sweep_max", 0), d.get("period", 0), d.get("last_top", 0))
+        flat = d.get("flat", ())
+        return cls(flat, d.get("sweep_max", 0), d.get("period", 0), d.get("last_top", 0),
+                   find_dips(d.get("sweep"), flat, tolerance))
 
     def effective(self, widths) -> np.ndarray:
         """Effective width of every width in `widths` (any integer array)."""
@@ -112,6 +124,14 @@ class Axis:
             up = self.last_top + np.ceil((c - self.last_top) / self.period).astype(np.int64) * self.period
             e = np.where(beyond, up, e)
         return e
+
+    def factor(self, widths) -> np.ndarray:
+        """Per width: its top's dip if the width is that top (the fast path), else 1."""
+        c = np.asarray(widths, dtype=np.int64)
+        f = np.ones(c.shape)
+        for top, dip in self.dips.items():
+            f = np.where(c == top, dip, f)
+        return f
 
     def tops(self, up_to: int) -> List[int]:
         """Every width in [1, up_to] that is the top of its plateau (its own effective width)."""
@@ -162,6 +182,43 @@ def isotonic(y: np.ndarray) -> np.ndarray:
             values.pop()
             counts.pop()
     return np.repeat(values, counts)
+
+
+DIP_MIN = 0.10   # a top counts as a fast path when it is at least this much cheaper than its plateau...
+DIP_NOISE = 3    # ...and by more than this many times the entry's timing tolerance
+
+
+def find_dips(sweep: Optional[Mapping[str, Any]], flat: Sequence[Sequence[int]], tolerance: float = 0.0) -> Dict[int, float]:
+    """Plateau tops that ran faster than the rest of their plateau in the sweep: {top: its ms / the
+    median ms of the sweep widths below it on the plateau (at least two)}, for ratios at most
+    1 - max(DIP_MIN, DIP_NOISE * tolerance). (The flat gaps come from the isotonic fit, which
+    averages such a dip into its plateau; the raw sweep keeps it.)"""
+    if not sweep or not flat:
+        return {}
+    limit = 1 - max(DIP_MIN, DIP_NOISE * tolerance)
+    w = np.asarray(sweep.get("widths", ()), dtype=np.int64)
+    ms = np.asarray(sweep.get("ms", ()), dtype=np.float64)
+    if w.shape != ms.shape:
+        return {}
+    dips = {}
+    for lo, hi in flat:
+        below, top = ms[(w >= lo) & (w < hi)], ms[w == hi]
+        if len(below) >= 2 and len(top) and np.median(below) > 0:
+            ratio = float(top[0] / np.median(below))
+            if ratio <= limit:
+                dips[int(hi)] = round(ratio, 4)
+    return dips
+
+
+def calibration_curve(sums: Sequence[float], measured: Sequence[float]) -> Dict[str, List[float]]:
+    """The anchors' (sum of layers, measured ms), sorted by sum, anchors with the same sum merged,
+    the ms made non-decreasing (isotonic: a noisy anchor cannot make a bigger network cheaper)."""
+    pts: Dict[float, List[float]] = {}
+    for s_, m in zip(sums, measured):
+        pts.setdefault(round(float(s_), 9), []).append(float(m))
+    xs = sorted(x for x in pts if x > 0)
+    ys = isotonic(np.array([float(np.mean(pts[x])) for x in xs]))
+    return {"sum_ms": [round(x, 6) for x in xs], "ms": [round(float(y), 6) for y in ys]}
 
 
 # --------------------------------------------------------------------------- interpolation
@@ -228,28 +285,36 @@ class LatencyEntry:
         self.table, self.raw = table, raw
         self.format, self.threads = str(raw["format"]), int(raw["threads"])
         self.backend, self.backend_version = raw.get("backend"), raw.get("backend_version")
+        axes = raw.get("axes", {})
+        tolerance = float(raw.get("tolerance", 0.0))
+        self.axis_in, self.axis_out = Axis.from_json(axes.get("in"), tolerance), Axis.from_json(axes.get("out"), tolerance)
+        self.grids: Dict[str, Grid] = {}
+        for key, g in raw.get("grids", {}).items():
+            cin, cout = np.asarray(g["in"], dtype=np.int64), np.asarray(g["out"], dtype=np.int64)
+            ms = np.asarray(g["ms"], dtype=np.float64).reshape(len(cin), len(cout))
+            if table.shapes.get(key, {}).get("op") in GEMM_OPS:   # the plateau's cost where a point is a dipped top
+                ms = ms / np.outer(self.axis_in.factor(cin), self.axis_out.factor(cout))
+                ms = np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
+            self.grids[key] = Grid(cin, cout, ms)
+        missing = sorted({la.shape for la in table.layers} - set(self.grids))
+        if missing:
+            raise TableError(f"{table.path}: entry {self.label} has no grid for layer shape(s) {', '.join(missing)}")
+        self._luts: Dict[str, np.ndarray] = {}
+        self.cal_sum = self.cal_ms = self.scale = self.overhead_ms = None
+        anchors = [a for a in raw.get("anchors") or () if isinstance(a, Mapping) and "keep" in a and "measured_ms" in a]
         cal = raw.get("calibration")
+        if anchors:   # the curve from the anchors under this code's layer costs (module docstring)
+            sums = [float(self.bind().layers(table.keep_vector(a["keep"])).sum()) for a in anchors]
+            cal = calibration_curve(sums, [float(a["measured_ms"]) for a in anchors])
         if cal:
             self.cal_sum = np.asarray(cal["sum_ms"], dtype=np.float64)
             self.cal_ms = np.asarray(cal["ms"], dtype=np.float64)
             if len(self.cal_sum) < 1 or self.cal_sum.shape != self.cal_ms.shape or np.any(np.diff(self.cal_sum) <= 0) \
                     or np.any(np.diff(self.cal_ms) < 0) or self.cal_sum[0] <= 0:
                 raise TableError(f"{table.path}: entry {raw['format']} x{raw['threads']} has an invalid calibration")
-            self.scale, self.overhead_ms = None, None
         else:  # the line of older tables
-            self.cal_sum = self.cal_ms = None
             self.overhead_ms = float(raw.get("overhead_ms", 0.0))
             self.scale = float(raw.get("scale", 1.0))
-        axes = raw.get("axes", {})
-        self.axis_in, self.axis_out = Axis.from_json(axes.get("in")), Axis.from_json(axes.get("out"))
-        self.grids: Dict[str, Grid] = {}
-        for key, g in raw.get("grids", {}).items():
-            ms = np.asarray(g["ms"], dtype=np.float64).reshape(len(g["in"]), len(g["out"]))
-            self.grids[key] = Grid(np.asarray(g["in"], dtype=np.int64), np.asarray(g["out"], dtype=np.int64), ms)
-        missing = sorted({la.shape for la in table.layers} - set(self.grids))
-        if missing:
-            raise TableError(f"{table.path}: entry {self.label} has no grid for layer shape(s) {', '.join(missing)}")
-        self._luts: Dict[str, np.ndarray] = {}
 
     @property
     def label(self) -> str:
@@ -272,7 +337,8 @@ class LatencyEntry:
         cout = np.asarray(cout, dtype=np.int64)
         if layer.op in GEMM_OPS:
             cin = np.asarray(cin, dtype=np.int64)
-            value = grid.at(self.axis_in.effective(cin), self.axis_out.effective(cout))
+            value = grid.at(self.axis_in.effective(cin), self.axis_out.effective(cout)) \
+                * self.axis_in.factor(cin) * self.axis_out.factor(cout)
             return np.where((cin > 0) & (cout > 0), value, 0.0)
         value = grid.at(np.broadcast_to(grid.cin[0], cout.shape), cout)
         return np.where(cout > 0, value, 0.0)

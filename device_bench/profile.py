@@ -324,23 +324,12 @@ def fit_grid(shape_points: Tuple[List[int], List[int]], ms: np.ndarray, axis_in:
             "ms": [[round(float(v), 6) for v in row] for row in ms_grid]}
 
 
-def calibration_curve(sums: Sequence[float], measured: Sequence[float]) -> Dict[str, List[float]]:
-    """The anchors' (sum of layers, measured ms), sorted by sum, anchors with the same sum merged,
-    the ms made non-decreasing (isotonic: a noisy anchor cannot make a bigger network cheaper)."""
-    pts: Dict[float, List[float]] = {}
-    for s_, m in zip(sums, measured):
-        pts.setdefault(round(float(s_), 9), []).append(float(m))
-    xs = sorted(x for x in pts if x > 0)
-    ys = lt.isotonic(np.array([float(np.mean(pts[x])) for x in xs]))
-    return {"sum_ms": [round(x, 6) for x in xs], "ms": [round(float(y), 6) for y in ys]}
-
-
 def calibrate(entry: lt.LatencyEntry, anchors: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """The calibration curve of the layer sum from the whole-network anchors."""
     names = list(anchors)
     sums = {n: float(entry.bind().layers(entry.table.keep_vector(anchors[n]["keep"])).sum()) for n in names}
     measured = {n: anchors[n]["measured_ms"] for n in names}
-    curve = calibration_curve([sums[n] for n in names], [measured[n] for n in names])
+    curve = lt.calibration_curve([sums[n] for n in names], [measured[n] for n in names])
     calibrated = lt.LatencyEntry(entry.table, {**entry.raw, "calibration": curve})
     return {"calibration": curve,
             "anchors": [{"name": n, "keep": anchors[n]["keep"], "measured_ms": round(measured[n], 6),

@@ -436,3 +436,28 @@ def test_board_footprint_measures_the_aarch64_install(tmp_path):
     assert doc["numpy_extension"] and all("aarch64" in n for n in doc["numpy_extension"])
     assert doc["total_bytes"] == doc["packages_bytes"] + doc["first_run_pyc_bytes"] and doc["first_run_pyc_bytes"] > 0
     assert "goal <= 120 MB" in (tmp_path / "board_footprint.md").read_text()
+
+
+def test_latency_prediction_repredicts_the_committed_measurements(tmp_path):
+    """Today's table code on the EPYC measurements of 2026-12-04 (tables and device_bench reports are
+    committed): the held-out networks are drawn again from their seeds, int8 (no fast-path tops in
+    those tables) predicts exactly what it did then, and the fp32 dips make VGG-16 fp32 x1 better."""
+    import shutil
+
+    out = tmp_path / "lp"
+    shutil.copytree(BENCH / "results" / "latency-prediction", out)
+    proc = run_script("latency_prediction.py", "--repredict", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((out / "latency_prediction.json").read_text())
+    assert doc["meta"]["machine"]["cpu"] == "AMD EPYC" and doc["meta"]["repredicted"]["command"]
+    rows = [(r["model"], row) for r in doc["results"] for row in r["rows"]]
+    assert len(rows) == 48
+    for _, row in rows:
+        assert row["error"] == pytest.approx(row["predicted_ms"] / row["measured_p50_ms"] - 1, abs=1e-4)
+        if row["format"] == "tflite-int8" and row["threads"] == 1:
+            assert row["predicted_ms"] == pytest.approx(row["predicted_ms_at_measurement"], abs=1e-4)  # stored to 4 places
+    vgg_fp32 = [row for model, row in rows if model == "vgg16" and row["format"] == "tflite" and row["threads"] == 1]
+    within_now = sum(abs(r["error"]) <= 0.1 for r in vgg_fp32)
+    within_then = sum(abs(r["error_at_measurement"]) <= 0.1 for r in vgg_fp32)
+    assert (within_then, within_now) == (1, 4)
+    assert "predicted then" in (out / "latency_prediction.md").read_text()

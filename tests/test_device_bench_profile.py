@@ -122,7 +122,7 @@ def test_grid_never_falls_with_width_whatever_the_noise():
 
 
 def test_calibration_curve_is_sorted_monotone_and_proportional_outside():
-    from device_bench.profile import calibration_curve
+    from device_bench.latency_table import calibration_curve
 
     curve = calibration_curve([2.0, 1.0, 4.0, 1.0, 3.0], [2.4, 1.0, 6.0, 1.2, 2.2])
     assert curve == {"sum_ms": [1.0, 2.0, 3.0, 4.0], "ms": [1.1, 2.3, 2.3, 6.0]}  # merged, then pooled
@@ -136,14 +136,56 @@ def test_calibration_curve_is_sorted_monotone_and_proportional_outside():
         lt.LatencyTable(bad, "t.json")
 
 
-def _one_layer_table(calibration) -> dict:
-    return {"model": {"spec": "m"}, "board": {}, "groups": [{"name": "c", "size": 4}],
+def _one_layer_table(calibration, size: int = 4, out=(1, 4), ms=((0.1, 0.4),)) -> dict:
+    return {"model": {"spec": "m"}, "board": {}, "groups": [{"name": "c", "size": size}],
             "shapes": {"s": {"op": "conv2d"}},
             "layers": [{"name": "c", "op": "conv2d", "shape": "s", "in": {"const": 3, "groups": {}},
                         "out": {"const": 0, "groups": {"c": 1}}}],
-            "entries": [{"format": "tflite", "threads": 1, "grids": {"s": {"in": [3], "out": [1, 4],
-                                                                         "ms": [[0.1, 0.4]]}},
+            "entries": [{"format": "tflite", "threads": 1, "grids": {"s": {"in": [3], "out": list(out),
+                                                                         "ms": [list(r) for r in ms]}},
                          "calibration": calibration}]}
+
+
+def test_a_plateau_top_that_runs_faster_is_a_dip_and_only_the_top_keeps_it():
+    # XNNPACK fp32, 1 thread (the AMD EPYC table of benchmarks/results/latency-prediction): 18..30
+    # output channels ~14 us, exactly 32 10.6 us; 33..64 21 us with no fast path at 64.
+    ms = [7.0] * 9 + [14.0, 13.9, 14.0, 13.9, 14.1, 14.2, 14.2] + [10.6] + [21.1] * 4 + [31.8] * 4 + [42.4] * 4
+    flat = lt.find_flat_gaps(SWEEP, ms, tolerance=0.02)["flat"]
+    assert flat[:3] == [[1, 16], [17, 32], [33, 64]]   # the isotonic fit pools the dip into its plateau...
+    sweep = {"widths": SWEEP, "ms": ms}
+    assert lt.find_dips(sweep, flat, tolerance=0.02) == {32: pytest.approx(10.6 / 14.0, abs=1e-3)}  # ...the sweep has it
+    assert lt.find_dips(sweep, flat, tolerance=0.09) == {}          # within 3x the timing tolerance: noise
+    assert lt.find_dips(sweep, [[31, 32]], tolerance=0.02) == {}    # one width below the top: not enough to tell
+    assert lt.find_dips(None, flat) == {} and lt.find_dips(sweep, []) == {}
+    axis = lt.Axis.from_json({"flat": flat, "sweep": sweep}, tolerance=0.02)
+    assert axis.factor([20, 31, 32, 33, 64]).tolist() == [1.0, 1.0, pytest.approx(0.757, abs=1e-3), 1.0, 1.0]
+
+    # A table whose grid was timed at the tops 16 and 32: 32's point is the fast path. Widths 17..31
+    # cost the plateau (the point / the dip), 32 itself the point, and the prediction is non-decreasing
+    # once the fast path is taken out.
+    raw = _one_layer_table({"sum_ms": [0.1, 1.0], "ms": [0.1, 1.0]}, size=32, out=[16, 32], ms=[[0.7, 1.06]])
+    raw["entries"][0]["axes"] = {"out": {"flat": flat, "sweep": sweep}}
+    raw["entries"][0]["tolerance"] = 0.02
+    entry = lt.LatencyTable(raw, "t.json").entries[0]
+    dip = entry.axis_out.dips[32]
+    at = entry.layer_ms("c", 3, np.arange(1, 33))
+    assert at[31] == pytest.approx(1.06) and at[19] == pytest.approx(1.06 / dip) and at[30] == pytest.approx(1.06 / dip)
+    assert at[15] == pytest.approx(0.7) and at[0] == pytest.approx(0.7)
+    assert np.all(np.diff(at / entry.axis_out.factor(np.arange(1, 33))) >= 0)
+    assert entry.bind().step_counts()[0].tolist() == [16, 32]       # learned rounding: 17..31 never pays
+    # without the sweep (older tables, other runtimes) there is no dip: the point costs its whole plateau
+    raw["entries"][0]["axes"]["out"].pop("sweep")
+    plain = lt.LatencyTable(raw, "t.json").entries[0]
+    assert plain.layer_ms("c", 3, 20) == pytest.approx(1.06)
+
+
+def test_the_calibration_is_derived_from_the_anchors_when_a_table_is_loaded():
+    raw = _one_layer_table({"sum_ms": [0.1, 0.4], "ms": [5.0, 6.0]})   # a stale stored curve
+    raw["entries"][0]["anchors"] = [{"name": "dense", "keep": {"c": 4}, "measured_ms": 0.8},
+                                    {"name": "quarter", "keep": {"c": 1}, "measured_ms": 0.15}]
+    entry = lt.LatencyTable(raw, "t.json").entries[0]
+    assert entry.cal_sum.tolist() == [0.1, 0.4] and entry.cal_ms.tolist() == [0.15, 0.8]
+    assert entry.predict_keep({"c": 4}) == pytest.approx(0.8) and entry.predict_keep({"c": 1}) == pytest.approx(0.15)
 
 
 def test_plateaus_of_a_tiled_runtime_and_of_a_smooth_one():
@@ -202,7 +244,7 @@ def test_table_round_trip_and_predictor(table_path, tmp_path):
     dense_out = table.dense_widths(layer)[1]
     assert steps == sorted(steps) and steps[-1] == dense_out and all(1 <= s <= dense_out for s in steps)
     ms = entry.layer_ms(layer.name, np.full(dense_out, table.dense_widths(layer)[0]), np.arange(1, dense_out + 1))
-    assert np.all(np.diff(ms) >= -1e-12)
+    assert np.all(np.diff(ms / entry.axis_out.factor(np.arange(1, dense_out + 1))) >= -1e-12)   # fast paths aside
     with pytest.raises(lt.TableError, match="no entry for tflite-int8 x1"):
         table.entry("tflite-int8", 1)
 
