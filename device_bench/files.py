@@ -41,6 +41,8 @@ def write_text_atomic(path: PathLike, text: str) -> None:
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    # runtime.bundle has the same function; this module stays stdlib-only because the on-device
+    # worker imports it before numpy (its baseline RSS, and a clear error where numpy is missing).
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
