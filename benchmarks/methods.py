@@ -277,7 +277,8 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
                 todo.remove(c)
                 cmd = command(c, preset, layout, data_dir, extra)
                 running[c.name] = (c, cmd, Logged(cmd, layout.log(c), pass_fds=(lock,)))
-            bar.set_postfix_str(", ".join(running))
+            if ", ".join(running) != bar.postfix:   # redraw only when the runs change (logs are files)
+                bar.set_postfix_str(", ".join(running))
             if not running:
                 continue
             done = [name for name, (_, _, started) in running.items() if started.poll() is not None]

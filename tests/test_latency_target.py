@@ -114,6 +114,24 @@ def test_joint_latency_and_flops(table_path):
     assert flops - 1e-9 <= achieved(cost, "flops", masks) <= flops + 0.01
 
 
+BUSY_TABLE = Path(__file__).parent / "data" / "tiny-latency-table-busy-host.json"
+
+
+@pytest.mark.parametrize("seed, flops", [(2, 0.75), (3, 0.75), (5, 0.75), (6, 0.7), (6, 0.75), (7, 0.7), (10, 0.7)])
+def test_joint_target_on_coarse_steps_lands_within_a_point(seed, flops):
+    """A real table of the tiny net, profiled while two training runs had the cores (so its steps
+    are coarse and uneven): with these random scores the passes and the exchange stopped just past
+    flops + 1 pp at the 0.0238 ms budget (a UserError) although selections inside exist; one step
+    more somewhere and a second settle (as single targets get) finds one."""
+    from compress.prune.budget import achieved, select
+    _, _, cost = cost_with_table(BUSY_TABLE)
+    g = torch.Generator().manual_seed(seed)
+    scores = {n: torch.rand(int(s), generator=g) for n, s in zip(cost.names, cost.sizes)}
+    masks = select(scores, cost, "latency", 1 - 0.0238 / cost.dense("latency"), 0.1, also={"flops": flops})
+    assert cost.resource("latency", masks) <= 0.0238 * (1 + 1e-9)
+    assert flops - 1e-9 <= achieved(cost, "flops", masks) <= flops + 0.01
+
+
 def test_pruner_api_prunes_to_a_budget(table_path):
     import compress
     model = tiny_resnet()
