@@ -32,7 +32,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -136,6 +136,12 @@ def plan(models: list[str], methods: list[str], targets: dict, seeds: tuple = (0
 class Layout:
     root: Path                        # results: logs, reports, tables, plot (small, committed)
     runs: Optional[Path] = None       # run folders (weights, checkpoints); default root/runs
+    # Finished rows of the last methods.json whose run left no copy here (results committed before the
+    # copies were: a bad .gitignore pattern kept them out of git): done, so not run again.
+    earlier: dict = field(default_factory=dict)
+
+    def done(self, config: Config) -> bool:
+        return self.finished(config) is not None or config.name in self.earlier
 
     def run(self, config: Config) -> Path:
         return (self.runs or self.root / "runs") / config.name
@@ -232,7 +238,7 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
     "blocked: ..."}. A run that takes the seed run's widths starts once that one has finished."""
     from tqdm import tqdm
 
-    status: dict[str, str] = {c.name: "done" for c in configs if layout.finished(c) is not None}
+    status: dict[str, str] = {c.name: "done" for c in configs if layout.done(c)}
     todo = [c for c in configs if c.name not in status]
     if dry_run:   # pretend each command succeeds, so what depends on it is listed too
         for c in todo:
@@ -306,6 +312,9 @@ def collect(configs: list[Config], layout: Layout, status: dict[str, str]) -> li
         row = {"name": c.name, "model": c.model, "method": c.method, "target": c.target, "seed": c.seed,
                "status": status.get(c.name, "pending"), "run": str(layout.run(c))}
         folder = layout.finished(c)
+        if folder is None and c.name in layout.earlier:
+            rows.append({**layout.earlier[c.name], "status": "done"})
+            continue
         if folder is not None:
             r = read_json(folder / "report.json")
             row.update(status="done", top1=r["slim"]["top1"], dense_top1_at_prune=r["dense"]["top1"],
@@ -527,7 +536,9 @@ def main(argv=None) -> int:
         runs = Path(args.runs).expanduser() if args.runs else None
         if runs is not None and runs.exists() and not runs.is_dir():
             raise BenchError(f"--runs {runs}: exists and is not a folder")
-        layout = Layout(root.resolve(), runs.resolve() if runs else None)
+        earlier = read_json(root / "methods.json").get("rows", []) if (root / "methods.json").is_file() else []
+        layout = Layout(root.resolve(), runs.resolve() if runs else None,
+                        {r["name"]: r for r in earlier if "top1" in r})
         try:
             seeds = tuple(int(t) for t in parse_list(args.seeds, "seeds"))
         except ValueError:

@@ -174,6 +174,24 @@ def test_methods_bad_jobs_or_runs_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_methods_a_finished_row_without_its_kept_copy_is_not_run_again(tmp_path, capsys):
+    """Results committed before the kept copies were (a .gitignore pattern kept reports/ out of git):
+    the rows of methods.json are all that is left of those runs, and they count as done."""
+    row = {"name": "vgg16-uniform-f90", "model": "vgg16", "method": "uniform", "target": 0.9, "seed": 0,
+           "status": "done", "top1": 0.7829, "flops_reduction": 0.9, "params_reduction": 0.9, "train_seconds": 212.0,
+           "wall_seconds": None, "epochs": 4}
+    (tmp_path / "methods.json").write_text(json.dumps({"rows": [row], "sessions": []}))
+    args = ["--preset", "cpu", "--models", "vgg16", "--targets", "0.9", "--methods", "seed,uniform", "--no-dense",
+            "--results", str(tmp_path)]
+    assert methods.main(args + ["--dry-run"]) == 0
+    planned = capsys.readouterr().out.splitlines()
+    assert len(planned) == 1 and "--method seed" in planned[0]        # only the run that never finished
+    assert methods.main(args + ["--report-only"]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "methods.json").read_text())["rows"]}
+    assert rows["vgg16-uniform-f90"]["top1"] == 0.7829 and rows["vgg16-uniform-f90"]["status"] == "done"
+    assert rows["vgg16-seed-f90"]["status"] == "pending"
+
+
 def test_methods_wall_time_adds_up_only_across_a_resumed_run():
     assert methods.wall_after(100.0, ["compress", "--resume"], 50.0) == 150.0
     assert methods.wall_after(100.0, ["compress", "--force"], 50.0) == 50.0
