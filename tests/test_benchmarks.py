@@ -406,9 +406,12 @@ def test_device_venv_installs_only_the_runtime_and_times_every_stage(bundle_dir,
 @pytest.mark.slow
 def test_latency_target_smoke(tmp_path, small_cifar_dir):
     """FLOPs-targeted run -> its measured p50 as the budget -> latency-targeted run -> one final pass
-    with the dense network: real compress, export, profile and device_bench at their smallest."""
+    with the dense network: real compress, export, profile and device_bench at their smallest.
+    The target is mild (-50 %): this tiny network is overhead-bound, and at -76 % its measured p50
+    came within noise of the table's fastest reachable network (0.0701 vs 0.0723 ms on a busy host),
+    which makes the latency run's budget unreachable."""
     out = tmp_path / "lt"
-    args = ["--models", "vgg11", "--targets", "0.76", "--width", "0.25", "--epochs", "3", "--rounds", "1",
+    args = ["--models", "vgg11", "--targets", "0.5", "--width", "0.25", "--format", "tflite", "--epochs", "3", "--rounds", "1",
             "--runs", "20", "--quiet-wait", "0", "--tables", str(tmp_path / "tables"), "--data-dir", str(small_cifar_dir),
             "--profile-flags", "--grid coarse --rounds 3 --burst-ms 3",
             "--extra", "--train-subset 256 --test-subset 128 --calib 32 --batch-size 32 --workers 1", "--out", str(out)]
@@ -418,7 +421,7 @@ def test_latency_target_smoke(tmp_path, small_cifar_dir):
     flops, lat = sorted(doc["pairs"], key=lambda p: p["kind"])
     assert (flops["kind"], lat["kind"]) == ("flops", "latency")
     assert flops["budget_ms"] == lat["budget_ms"] > 0
-    run = json.loads((out / "runs" / "vgg11-latency-76" / "report.json").read_text())
+    run = json.loads((out / "runs" / "vgg11-latency-50" / "report.json").read_text())
     assert run["target"]["metric"] == "latency" and run["target"]["ms"] == pytest.approx(lat["budget_ms"], abs=1e-3)
     for p in (flops, lat):
         assert p["p50_ms"] > 0 and p["dense_p50_ms"] > 0 and 0 < p["flops_reduction"] < 1
