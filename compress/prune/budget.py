@@ -23,8 +23,10 @@ Once the first is met, the remove pass ranks by score per unit of the still-unme
 (a channel that saves parameters but few FLOPs goes first), and an exchange pass then trades:
 put back the best step that costs the most of the resource with slack per unit of the tight
 one, take away the cheapest steps that restore the tight one, while that brings the loose
-resource closer to its target. Both land within 1 pp when the model's widths allow it; otherwise
-`select` raises UserError naming what was reached. A latency budget is a ceiling: it is met at or
+resource closer to its target. Where a metric is still more than 1 pp past its target (coarse
+steps: small networks, latency plateaus), one step more in some group and a second settle, as a
+single target gets below. Both land within 1 pp when the model's widths allow it and these passes
+find it; otherwise `select` raises UserError naming what was reached. A latency budget is a ceiling: it is met at or
 under the budget (the other metrics of the target still land within 1 pp).
 
 With `budgets` (channels per group, as the seed method's redistribution sets them) each group
