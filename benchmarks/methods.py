@@ -15,6 +15,9 @@ not committed); a half-done one (NAME.partial/checkpoint.pt) is continued with `
 same command in the next session and it picks up where it stopped. `random` and `scratch` take the
 per-layer widths of the seed run at the same target and seed (`--widths-from`), so they run after it.
 `uniform` is the network thinned by one width share to the target and trained from scratch.
+The one-shot methods (l1, slimming, taylor, random, torch-pruning*) keep their dense phase
+(`--keep-dense`); a later one of the same kind, model and seed starts from it (`--dense-from`), so
+the grid trains each dense phase once per model and seed (slimming's has its own L1 term).
 `torch-pruning` and `torch-pruning-taylor` are benchmarks/torch_pruning_peer.py with
 `--importance magnitude` (group L2 norm) and `taylor`. Every run records the git commit it ran at.
 
@@ -55,6 +58,7 @@ from benchmarks.common import (  # noqa: E402
     write_json,
     write_text,
 )
+from compress import cli as compress_cli  # noqa: E402
 
 METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "uniform", "torch-pruning",
            "torch-pruning-taylor")
@@ -62,6 +66,10 @@ METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "uniform", "
 # (GroupMagnitudeImportance) and group first-order Taylor (GroupTaylorImportance).
 PEER_IMPORTANCE = {"torch-pruning": "magnitude", "torch-pruning-taylor": "taylor"}
 NEEDS_SEED_WIDTHS = ("random", "scratch")
+# The one-shot methods train dense, then cut once: runs whose dense phases are the same training
+# (compress's DENSE_PHASE, the Torch-Pruning peer's is l1's) keep it (--keep-dense), and a run at
+# another target or with another criterion starts from it (--dense-from) instead of training it again.
+DENSE_PHASE = {**compress_cli.DENSE_PHASE, **{m: compress_cli.DENSE_PHASE["torch-pruning"] for m in PEER_IMPORTANCE}}
 PEER = Path(__file__).resolve().parent / "torch_pruning_peer.py"
 
 
@@ -128,6 +136,17 @@ def plan(models: list[str], methods: list[str], targets: dict, seeds: tuple = (0
     return configs
 
 
+def put_first(configs: list[Config], names: list[str]) -> list[Config]:
+    """`configs` with the named ones moved to the front in the order named (a run waiting for its
+    seed run's widths still waits: run_all starts it once that one has finished)."""
+    by_name = {c.name: c for c in configs}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise BenchError(f"--first {','.join(unknown)}: not in this grid (its names: {', '.join(by_name)})")
+    first = [by_name[n] for n in dict.fromkeys(names)]
+    return first + [c for c in configs if c not in first]
+
+
 # ---------------------------------------------------------------------------------------------
 # running one configuration
 
@@ -152,6 +171,20 @@ class Layout:
     def kept(self, config: Config) -> Path:
         """The committed copy of a finished run's small files."""
         return self.root / "reports" / config.name
+
+    def dense_start(self, config: Config, configs: list[Config]) -> Optional[Path]:
+        """A dense.pt kept by another run of the grid whose dense phase is `config`'s (same model and
+        seed, a method of the same kind, any target), or None."""
+        kind = DENSE_PHASE.get(config.method)
+        for c in configs:
+            if kind is None or c == config or (c.model, c.seed) != (config.model, config.seed) \
+                    or DENSE_PHASE.get(c.method) != kind:
+                continue
+            run = self.run(c)
+            for folder in (run, run.with_name(run.name + ".partial")):
+                if (folder / compress_cli.DENSE_CHECKPOINT).is_file():
+                    return folder / compress_cli.DENSE_CHECKPOINT
+        return None
 
     def finished(self, config: Config) -> Optional[Path]:
         """Where the finished run's report.json is (run folder first, else the kept copy), or None."""
@@ -186,7 +219,8 @@ def keep_copy(layout: Layout, config: Config) -> None:
 
 
 def command(config: Config, preset_name: str, layout: Layout, data_dir: Optional[str],
-            extra: tuple) -> list[str]:
+            extra: tuple, dense_start: Optional[Path] = None) -> list[str]:
+    """The command for `config`; `dense_start`: a sibling's kept dense phase to start from."""
     preset = PRESETS[preset_name]
     out = layout.run(config)
     if config.method in PEER_IMPORTANCE:
@@ -204,11 +238,15 @@ def command(config: Config, preset_name: str, layout: Layout, data_dir: Optional
     if data_dir:
         cmd += ["--data-dir", data_dir]
     cmd += [*preset.flags, *extra]
+    if config.method in DENSE_PHASE:
+        cmd.append("--keep-dense")
     partial = out.with_name(out.name + ".partial")
     if (partial / "checkpoint.pt").is_file():
-        cmd.append("--resume")
-    elif partial.exists():
+        return cmd + ["--resume"]
+    if partial.exists():
         cmd.append("--force")   # died before its first checkpoint: nothing to keep
+    if dense_start is not None:
+        cmd += ["--dense-from", str(dense_start)]
     return cmd
 
 
@@ -242,7 +280,8 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
     todo = [c for c in configs if c.name not in status]
     if dry_run:   # pretend each command succeeds, so what depends on it is listed too
         for c in todo:
-            print(shlex.join(command(c, preset, layout, data_dir, with_threads(extra, jobs))))
+            print(shlex.join(command(c, preset, layout, data_dir, with_threads(extra, jobs),
+                                     layout.dense_start(c, configs))))
         return {c.name: "pending" for c in todo}
     if not todo:
         return status
@@ -281,7 +320,7 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
                         bar.update(1)
                         continue
                 todo.remove(c)
-                cmd = command(c, preset, layout, data_dir, extra)
+                cmd = command(c, preset, layout, data_dir, extra, layout.dense_start(c, configs))
                 running[c.name] = (c, cmd, Logged(cmd, layout.log(c), pass_fds=(lock,)))
             if ", ".join(running) != bar.postfix:   # redraw only when the runs change (logs are files)
                 bar.set_postfix_str(", ".join(running))
@@ -504,6 +543,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "threads (default 1)")
     p.add_argument("--runs", help="where the run folders (weights, checkpoints) go (default RESULTS/runs); a "
                    "folder outside a work tree that is laid anew keeps half-done runs for the next session")
+    p.add_argument("--first", help="comma list of run names (as in --dry-run's --out) to start before the rest "
+                                   "of the grid, in that order")
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run; run nothing")
     p.add_argument("--report-only", action="store_true", help="aggregate the finished runs; run nothing")
     return p
@@ -546,6 +587,8 @@ def main(argv=None) -> int:
         if any(v < 0 for v in seeds):
             raise BenchError(f"--seeds {args.seeds!r}: seeds must be >= 0")
         configs = plan(models, methods, targets, seeds, dense=not args.no_dense)
+        if args.first:
+            configs = put_first(configs, parse_list(args.first, "first"))
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -312,9 +312,12 @@ def run(cfg, importance: str, *, work: Path, out: Path, resume: bool) -> None:
     config = {**compress_cli.config_as_dict(cfg), "importance": importance}
     trainer = Trainer(model, data, train_config, [Phase("dense", dense_epochs), Phase("finetune", finetune_epochs)],
                       [step], workdir=work, input_shape=input_shape, arch_of=lambda m: arch_of(m, **spec),
-                      rebuild=rebuild, extra_state={"config": config})
+                      rebuild=rebuild, extra_state={"config": config},
+                      keep=(dense_epochs - 1, compress_cli.DENSE_CHECKPOINT) if cfg.keep_dense else None)
     if resume:
         trainer.load_checkpoint(work / "checkpoint.pt")
+    elif cfg.dense_from:
+        compress_cli.start_from_dense(trainer, cfg)
     trainer.fit()
 
     slim = trainer.model.to(trainer.device, memory_format=torch.contiguous_format).eval()

@@ -35,7 +35,17 @@ SEED_ONLY = ("prune_warmup", "prune_ramp", "prune_end", "prune_settle", "prune_e
 METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "uniform", "none")
 SCHEDULES = ("onecycle", "cosine", "step")
 # Options that may change when resuming: they do not change the result.
-RESUME_MAY_CHANGE = {"device", "workers", "progress", "data_dir"}
+RESUME_MAY_CHANGE = {"device", "workers", "progress", "data_dir", "keep_dense"}
+# --dense-from: the one-shot methods train dense, then cut once. Their dense phases are the same
+# training when everything that shapes it is equal (slimming adds its L1 term on the BN scales, so
+# it shares only with slimming); options that act at or after the cut may differ.
+DENSE_PHASE = {"l1": "plain", "taylor": "plain", "random": "plain", "torch-pruning": "plain",
+               "slimming": "slimming"}
+DENSE_CHECKPOINT = "dense.pt"   # --keep-dense: the checkpoint before the last dense epoch, in the run folder
+DENSE_PHASE_MAY_DIFFER = RESUME_MAY_CHANGE | set(SEED_ONLY) | {
+    "out", "name", "method", "target", "latency_table", "latency_format", "latency_threads", "widths_from",
+    "min_keep", "cost_power", "round_to", "taylor_batches", "ignore", "calib", "bf16_reason", "time_budget_note",
+    "dense_from", "keep_dense"}
 
 
 @dataclass
@@ -78,6 +88,8 @@ class RunConfig:
     ignore: tuple = ()
     init: Optional[str] = None
     widths_from: Optional[str] = None
+    dense_from: Optional[str] = None         # one-shot methods: start from this checkpoint of another run's dense phase
+    keep_dense: bool = False                 # one-shot methods: keep the checkpoint before the last dense epoch
     finetune_fraction: float = 0.5           # l1/slimming/taylor/random: share of the budget spent fine-tuning
     finetune_epochs: int = 0                 # seed: epochs of plain fine-tuning after extraction
     # seed: None = the method's default (compress/prune/seed.py SCHEDULE and SeedConfig, the one place)
@@ -182,6 +194,12 @@ def make_parser() -> argparse.ArgumentParser:
     a("--ignore", help="NAME[,NAME]: modules whose output channels are never pruned")
     a("--init", help="start from these dense weights (.safetensors only)")
     a("--widths-from", help="runs/SEEDRUN: per-layer widths for --method random / scratch")
+    a("--dense-from", metavar="CHECKPOINT",
+      help="l1/slimming/taylor/random: start from another run's dense phase (its dense.pt, see --keep-dense, or "
+           "its checkpoint.pt before the cut): same model, data, budget and seed, any target or criterion; "
+           "this run trains the rest")
+    _bool_flag(p, "keep-dense", "l1/slimming/taylor/random: keep the checkpoint from before the last dense "
+                                "epoch as dense.pt in the run folder, for --dense-from (default off)")
     a("--finetune-fraction", type=float, help="l1/slimming/taylor/random: share of the epochs spent "
                                               "fine-tuning after pruning (default 0.5)")
     a("--finetune-epochs", type=int, help="seed: epochs of fine-tuning after extraction (default 0)")
@@ -316,6 +334,12 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"--init {cfg.init!r}: only .safetensors weights are accepted (no pickle)")
         if not Path(cfg.init).is_file():
             raise UserError(f"--init {cfg.init!r}: file not found")
+    for given, name in ((cfg.dense_from, "--dense-from"), (cfg.keep_dense, "--keep-dense")):
+        if given and cfg.method not in DENSE_PHASE:
+            raise UserError(f"{name}: --method {cfg.method} has no dense phase to share (l1, slimming, taylor, "
+                            f"random and Torch-Pruning train dense, then cut once)")
+    if cfg.dense_from is not None and not Path(cfg.dense_from).is_file():
+        raise UserError(f"--dense-from {cfg.dense_from!r}: file not found")
     if cfg.widths_from is not None and not (Path(cfg.widths_from) / "arch.json").is_file():
         raise UserError(f"--widths-from {cfg.widths_from!r}: no arch.json there (give a finished run folder)")
     if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
@@ -411,6 +435,48 @@ def check_resumed_table(stored: dict, target: Optional[dict]) -> None:
         path = _table_of(target).get("path", "the latency table")
         raise UserError(f"--resume: {path} is not the table this run started with (sha256 {str(was)[:12]}, now "
                         f"{str(now)[:12]}): put the original back, or start over with --force")
+
+
+def load_dense_phase(cfg: RunConfig) -> dict:
+    """The checkpoint --dense-from names, checked to be a dense phase this run would have trained
+    itself: a one-shot run's with the same model, data, budget and seed, saved before its cut. Its
+    target and criterion may differ: the dense phase does not depend on them."""
+    import torch
+
+    from compress.methods import split_epochs
+    path = cfg.dense_from
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"--dense-from {path}: not a readable checkpoint ({type(exc).__name__})") from exc
+    stored = state.get("extra", {}).get("config") if isinstance(state, dict) else None
+    if not isinstance(stored, dict):
+        raise UserError(f"--dense-from {path}: holds no run configuration (not a compress checkpoint)")
+    family = DENSE_PHASE[cfg.method]
+    if DENSE_PHASE.get(stored.get("method")) != family:
+        raise UserError(f"--dense-from {path}: a --method {stored.get('method')} run, whose dense phase is not "
+                        f"--method {cfg.method}'s")
+    mine = config_as_dict(cfg)
+    differ = [k for k in mine if k not in DENSE_PHASE_MAY_DIFFER and stored.get(k) != mine[k]
+              and not (k == "slimming_lambda" and family == "plain")]
+    if differ:
+        k = differ[0]
+        more = f" (and {', '.join(differ[1:])})" if len(differ) > 1 else ""
+        raise UserError(f"--dense-from {path}: that run trained with --{k.replace('_', '-')} {stored.get(k)!r}, "
+                        f"this one with {mine[k]!r}{more}: its dense phase is not this run's")
+    dense_epochs, _ = split_epochs(cfg.epochs, cfg.finetune_fraction, cfg.method)
+    if state.get("arch") or not 0 < state.get("epoch", 0) < dense_epochs:
+        raise UserError(f"--dense-from {path}: saved after epoch {state.get('epoch')}, but the dense phase is "
+                        f"epochs 1-{dense_epochs} and must not be over (give the dense.pt a run kept with --keep-dense)")
+    return state
+
+
+def start_from_dense(trainer, cfg: RunConfig) -> None:
+    """--dense-from: continue `trainer` from another run's dense phase (this run's callbacks and
+    config stay its own; the copied epochs' log rows and training seconds count as this run's)."""
+    state = load_dense_phase(cfg)
+    trainer.load_state(state, where=cfg.dense_from, callbacks=False)
+    print(f"dense phase: epochs 1-{state['epoch']} from {cfg.dense_from}", file=sys.stderr)
 
 
 def config_for_resume(args: argparse.Namespace, stored: dict) -> RunConfig:
@@ -537,10 +603,13 @@ def run(cfg: RunConfig, *, work: Path, out: Path, resumed: Optional[dict] = None
     trainer = Trainer(plan.model, data, train_config, plan.phases, plan.callbacks, workdir=work,
                       input_shape=input_shape, arch_of=lambda m: arch_of(m, **spec), rebuild=rebuild,
                       dist=dist_info, extra_state={"config": config_as_dict(cfg),
-                                                   "latency_table_sha256": table_sha(plan.target)})
+                                                   "latency_table_sha256": table_sha(plan.target)},
+                      keep=(plan.phases[0].epochs - 1, DENSE_CHECKPOINT) if cfg.keep_dense else None)
     if resumed is not None:
         check_resumed_table(resumed.get("extra", {}), plan.target)
         trainer.load_state(resumed)
+    elif cfg.dense_from:
+        start_from_dense(trainer, cfg)
     trainer.fit()
     # The numbers people compare: fp32, on the extracted network (every rank takes part), counted
     # by compress.flops.

@@ -175,6 +175,9 @@ class Trainer:
     rebuild: Optional[Callable[[dict], nn.Module]] = None    # and build it back on resume
     dist: DistInfo = field(default_factory=DistInfo)
     extra_state: dict = field(default_factory=dict)          # saved in the checkpoint as is (primitives)
+    # (epoch, name): keep the checkpoint from which `epoch` (0-based) starts under this name too (a
+    # one-shot method's last dense epoch, so that a run at another target can start there).
+    keep: Optional[tuple[int, str]] = None
 
     def __post_init__(self):
         if sum(p.epochs for p in self.phases) != self.config.epochs:
@@ -271,13 +274,19 @@ class Trainer:
             return
         tmp = self.checkpoint_path.with_suffix(".pt.tmp")
         torch.save(self.state_dict(), tmp)
+        if self.keep is not None and self.epoch + 1 == self.keep[0]:
+            kept = self.checkpoint_path.with_name(self.keep[1])
+            kept.unlink(missing_ok=True)
+            os.link(tmp, kept)      # the same bytes; the next os.replace leaves this name alone
         os.replace(tmp, self.checkpoint_path)
 
     def load_checkpoint(self, path: Path) -> None:
         self.load_state(torch.load(path, map_location="cpu", weights_only=True), where=str(path))
 
-    def load_state(self, state: dict, where: str = "checkpoint") -> None:
-        """Continue from a checkpoint's contents (what `state_dict` saved)."""
+    def load_state(self, state: dict, where: str = "checkpoint", callbacks: bool = True) -> None:
+        """Continue from a checkpoint's contents (what `state_dict` saved). callbacks=False: another
+        run's checkpoint from before any callback acted (--dense-from); this run's callbacks and
+        extra_state stay as they are."""
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{where}: unknown checkpoint format {state.get('format')!r}")
         if state["arch"]:
@@ -291,12 +300,13 @@ class Trainer:
         self.step = state["step"]
         self.seconds = state["seconds"]
         self.log = list(state["log"])
-        self.extra_state = dict(state["extra"])
+        if callbacks:
+            self.extra_state = dict(state["extra"])
         self._optimizer_state = state["optimizer"] or None
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        for cb, cb_state in zip(self.callbacks, state["callbacks"]):
+        for cb, cb_state in zip(self.callbacks, state["callbacks"] if callbacks else ()):
             cb.load_state_dict(cb_state)
 
     # -- the loop ------------------------------------------------------------------------------

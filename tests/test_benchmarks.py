@@ -263,6 +263,56 @@ def test_methods_runs_the_peer_with_each_criterion(tmp_path):
         assert cmd[cmd.index("--target") + 1] == "flops=0.5"
 
 
+def test_methods_starts_a_one_shot_run_from_a_siblings_kept_dense_phase(tmp_path):
+    layout = methods.Layout(tmp_path, tmp_path / "runs")
+    grid = methods.plan(["vgg16"], ["l1", "torch-pruning", "slimming"], {"vgg16": (0.76, 0.9)}, dense=False)
+    tp76, tp90 = methods.Config("vgg16", "torch-pruning", 0.76), methods.Config("vgg16", "torch-pruning", 0.9)
+    assert layout.dense_start(tp76, grid) is None
+    kept = layout.run(tp90).with_name("vgg16-torch-pruning-f90.partial") / "dense.pt"   # still running
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"")
+    # the same kind of dense phase (l1's is plain training too), never slimming's or another seed's
+    assert layout.dense_start(tp76, grid) == kept and layout.dense_start(methods.Config("vgg16", "l1", 0.9), grid) == kept
+    assert layout.dense_start(methods.Config("vgg16", "slimming", 0.76), grid) is None
+    assert layout.dense_start(methods.Config("vgg16", "l1", 0.76, seed=1), grid + [methods.Config("vgg16", "l1", 0.76, 1)]) is None
+    cmd = methods.command(tp76, "cpu", layout, None, (), layout.dense_start(tp76, grid))
+    assert cmd[cmd.index("--dense-from") + 1] == str(kept) and "--keep-dense" in cmd
+    own = layout.run(tp76).with_name("vgg16-torch-pruning-f76.partial")   # its own checkpoint wins
+    own.mkdir()
+    (own / "checkpoint.pt").write_bytes(b"")
+    cmd = methods.command(tp76, "cpu", layout, None, (), kept)
+    assert "--resume" in cmd and "--dense-from" not in cmd
+    assert "--keep-dense" not in methods.command(methods.Config("vgg16", "seed", 0.9), "cpu", layout, None, ())
+
+
+def test_methods_first_puts_named_runs_at_the_front():
+    grid = methods.plan(["vgg16"], ["seed", "uniform"], {"vgg16": (0.76, 0.9)}, seeds=(0, 1), dense=False)
+    order = [c.name for c in methods.put_first(grid, ["vgg16-uniform-f90-s1", "vgg16-seed-f76"])]
+    assert order[:3] == ["vgg16-uniform-f90-s1", "vgg16-seed-f76", "vgg16-uniform-f76"] and len(order) == len(grid)
+    with pytest.raises(methods.BenchError, match="not in this grid"):
+        methods.put_first(grid, ["vgg16-l1-f90"])
+
+
+def test_torch_pruning_peer_starts_from_an_l1_runs_kept_dense_phase(tmp_path, small_cifar_dir):
+    tiny = ["--model", "vgg16", "--width", "0.125", "--preset", "smoke", "--epochs", "4", "--train-subset", "256",
+            "--test-subset", "128", "--calib", "32", "--data-dir", str(small_cifar_dir), "--no-progress",
+            "--workers", "1"]
+    l1 = tmp_path / "l1"
+    proc = subprocess.run([sys.executable, "-m", "compress", "--method", "l1", "--target", "flops=0.5", "--keep-dense",
+                           "--out", str(l1), *tiny], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tp = tmp_path / "tp"
+    proc = run_script("torch_pruning_peer.py", "--target", "flops=0.76", "--dense-from", str(l1 / "dense.pt"),
+                      "--out", str(tp), *tiny)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "dense phase: epochs 1-1 from" in proc.stderr
+    rows = [line.split(",") for line in (tp / "train_log.csv").read_text().splitlines()[1:]]
+    assert rows[0] == (l1 / "train_log.csv").read_text().splitlines()[1].split(",")
+    report = json.loads((tp / "report.json").read_text())
+    assert report["method"] == "torch-pruning" and report["config"]["dense_from"] == str(l1 / "dense.pt")
+    assert abs(report["achieved"]["flops_reduction"] - 0.76) <= 0.005 + 1e-9
+
+
 def test_methods_plan_runs_seed_before_the_methods_that_take_its_widths():
     order = [c.name for c in methods.plan(["vgg16"], ["scratch", "l1"], {"vgg16": (0.9,)})]
     assert order == ["vgg16-none", "vgg16-seed-f90", "vgg16-l1-f90", "vgg16-scratch-f90"]

@@ -175,6 +175,11 @@ BAD_INPUTS = {
     "time budget": (["--target", "flops=0.5", "--time-budget", "0"], "--time-budget"),
     "redistribute-every negative": (["--target", "flops=0.5", "--redistribute-every", "-1"], "(--redistribute-every)"),
     "redistribute-by unknown": (["--target", "flops=0.5", "--redistribute-by", "cost"], "invalid choice"),
+    "dense-from for seed": (["--target", "flops=0.5", "--dense-from", "dense.pt"], "no dense phase to share"),
+    "keep-dense for uniform": (["--method", "uniform", "--target", "flops=0.5", "--keep-dense"],
+                               "no dense phase to share"),
+    "dense-from missing": (["--method", "l1", "--target", "flops=0.5", "--dense-from", "/nonexistent/dense.pt"],
+                           "file not found"),
 }
 
 
@@ -198,3 +203,61 @@ def test_existing_run_without_force_is_refused(seed_run: Path, tmp_path: Path, s
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert (seed_run / "report.json").read_text() == before
+
+
+# --- --keep-dense / --dense-from: one-shot runs at other targets share one dense phase ---------------
+
+
+@pytest.fixture(scope="module")
+def l1_kept(tmp_path_factory, small_cifar_dir) -> Path:
+    """An l1 run of 4 epochs (2 dense) that keeps the checkpoint before its last dense epoch."""
+    out = tmp_path_factory.mktemp("runs") / "l1-f50"
+    compress_here(*tiny_args(small_cifar_dir, "--method", "l1", "--target", "flops=0.5", "--epochs", "4",
+                             "--keep-dense", "--out", str(out)))
+    return out
+
+
+def log_rows(run: Path) -> list[dict]:
+    import csv
+    with open(run / "train_log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_dense_from_continues_another_runs_dense_phase(l1_kept: Path, tmp_path: Path, small_cifar_dir: Path):
+    kept = torch.load(l1_kept / "dense.pt", map_location="cpu", weights_only=True)
+    assert kept["epoch"] == 1 and kept["arch"] == ""     # before the last dense epoch, before the cut
+    out = tmp_path / "taylor-f76"
+    proc = compress(*tiny_args(small_cifar_dir, "--method", "taylor", "--target", "flops=0.76", "--epochs", "4",
+                               "--dense-from", str(l1_kept / "dense.pt"), "--out", str(out)))
+    assert "dense phase: epochs 1-1 from" in proc.stderr
+    source, fork = log_rows(l1_kept), log_rows(out)
+    assert [r["phase"] for r in fork] == ["dense", "dense", "finetune", "finetune"]
+    assert fork[0] == source[0]                          # the copied epoch, as that run logged it
+    # The last dense epoch is trained again from the same state, weights and data order: the same
+    # training loss (to bf16/threading noise), then this run's own cut to its own target.
+    assert float(fork[1]["train_loss"]) == pytest.approx(float(source[1]["train_loss"]), abs=1e-3)
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "taylor" and report["config"]["dense_from"] == str(l1_kept / "dense.pt")
+    assert abs(report["achieved"]["flops_reduction"] - 0.76) <= 0.01
+
+
+@pytest.mark.parametrize("case", ["other seed", "other budget", "slimming", "after the cut"])
+def test_dense_from_refuses_a_dense_phase_that_is_not_this_runs(case: str, l1_kept: Path, tmp_path: Path,
+                                                                 small_cifar_dir: Path):
+    dense, extra, expected = str(l1_kept / "dense.pt"), [], ""
+    method = "taylor"
+    if case == "other seed":
+        extra, expected = ["--seed", "3"], "--seed 0, this one with 3"
+    elif case == "other budget":
+        extra, expected = ["--lr", "0.02"], "--lr 0.05, this one with 0.02"
+    elif case == "slimming":
+        method, expected = "slimming", "not --method slimming's"
+    else:
+        dense, expected = str(l1_kept / "checkpoint.pt"), "must not be over"
+    out = tmp_path / "fork"
+    proc = compress(*tiny_args(small_cifar_dir, "--method", method, "--target", "flops=0.76", "--epochs", "4",
+                               "--dense-from", dense, "--out", str(out), *extra), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --dense-from") and expected in lines[-1], proc.stderr[-2000:]
+    assert not out.exists() and not out.with_name("fork.partial").exists()
