@@ -271,9 +271,12 @@ def with_threads(extra: tuple, jobs: int) -> tuple:
 
 
 def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Optional[str], extra: tuple,
-            dry_run: bool, jobs: int = 1) -> dict[str, str]:
+            dry_run: bool, jobs: int = 1, grid: Optional[list[Config]] = None) -> dict[str, str]:
     """Run what is not done yet, up to `jobs` at once; returns {name: "done" | "ran" | "failed: ..." |
-    "blocked: ..."}. A run that takes the seed run's widths starts once that one has finished."""
+    "blocked: ..."}. A run that takes the seed run's widths starts once that one has finished; a
+    one-shot run starts from the dense phase a run of the same kind in `grid` (default `configs`)
+    kept, and waits while one is still training it."""
+    grid = configs if grid is None else grid
     from tqdm import tqdm
 
     status: dict[str, str] = {c.name: "done" for c in configs if layout.done(c)}
@@ -281,7 +284,7 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
     if dry_run:   # pretend each command succeeds, so what depends on it is listed too
         for c in todo:
             print(shlex.join(command(c, preset, layout, data_dir, with_threads(extra, jobs),
-                                     layout.dense_start(c, configs))))
+                                     layout.dense_start(c, grid))))
         return {c.name: "pending" for c in todo}
     if not todo:
         return status
@@ -319,8 +322,13 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
                         status[c.name] = "blocked: the seed run at this target did not finish"
                         bar.update(1)
                         continue
+                dense = layout.dense_start(c, grid)
+                if dense is None and c.method in DENSE_PHASE and any(
+                        (r.model, r.seed, DENSE_PHASE.get(r.method)) == (c.model, c.seed, DENSE_PHASE[c.method])
+                        for r, _, _ in running.values()):
+                    continue   # a run of the same kind is training the dense phase this one can start from
                 todo.remove(c)
-                cmd = command(c, preset, layout, data_dir, extra, layout.dense_start(c, configs))
+                cmd = command(c, preset, layout, data_dir, extra, dense)
                 running[c.name] = (c, cmd, Logged(cmd, layout.log(c), pass_fds=(lock,)))
             if ", ".join(running) != bar.postfix:   # redraw only when the runs change (logs are files)
                 bar.set_postfix_str(", ".join(running))
@@ -545,6 +553,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "folder outside a work tree that is laid anew keeps half-done runs for the next session")
     p.add_argument("--first", help="comma list of run names (as in --dry-run's --out) to start before the rest "
                                    "of the grid, in that order")
+    p.add_argument("--only", help="comma list of run names: run just these, in that order (the tables still "
+                                  "show the whole grid's finished runs)")
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run; run nothing")
     p.add_argument("--report-only", action="store_true", help="aggregate the finished runs; run nothing")
     return p
@@ -587,16 +597,19 @@ def main(argv=None) -> int:
         if any(v < 0 for v in seeds):
             raise BenchError(f"--seeds {args.seeds!r}: seeds must be >= 0")
         configs = plan(models, methods, targets, seeds, dense=not args.no_dense)
-        if args.first:
-            configs = put_first(configs, parse_list(args.first, "first"))
+        if args.first and args.only:
+            raise BenchError("--first and --only: give one of them")
+        if args.first or args.only:
+            configs = put_first(configs, parse_list(args.first or args.only, "first" if args.first else "only"))
+        to_run = configs[:len(set(parse_list(args.only, "only")))] if args.only else configs
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     info = meta(argv)
     try:
-        status = {} if args.report_only else run_all(configs, args.preset, layout, data_dir,
-                                                     tuple(args.compress_arg), args.dry_run, args.jobs)
+        status = {} if args.report_only else run_all(to_run, args.preset, layout, data_dir,
+                                                     tuple(args.compress_arg), args.dry_run, args.jobs, grid=configs)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -293,6 +293,18 @@ def test_methods_first_puts_named_runs_at_the_front():
         methods.put_first(grid, ["vgg16-l1-f90"])
 
 
+def test_methods_only_runs_the_named_configurations(tmp_path):
+    proc = run_script("methods.py", "--preset", "cpu", "--methods", "seed,uniform,l1", "--targets", "0.5,0.9",
+                      "--no-dense", "--results", str(tmp_path / "r"), "--dry-run",
+                      "--only", "vgg16-l1-f90,vgg16-seed-f50")
+    assert proc.returncode == 0, proc.stderr
+    outs = [line.split("--out ")[1].split()[0] for line in proc.stdout.splitlines()]
+    assert [Path(o).name for o in outs] == ["vgg16-l1-f90", "vgg16-seed-f50"]
+    proc = run_script("methods.py", "--preset", "cpu", "--methods", "seed", "--results", str(tmp_path / "r"),
+                      "--dry-run", "--only", "vgg16-seed-f50", "--first", "vgg16-seed-f50")
+    assert proc.returncode == 2 and "give one of them" in proc.stderr
+
+
 def test_torch_pruning_peer_starts_from_an_l1_runs_kept_dense_phase(tmp_path, small_cifar_dir):
     tiny = ["--model", "vgg16", "--width", "0.125", "--preset", "smoke", "--epochs", "4", "--train-subset", "256",
             "--test-subset", "128", "--calib", "32", "--data-dir", str(small_cifar_dir), "--no-progress",
