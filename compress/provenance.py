@@ -13,9 +13,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _git(*args: str) -> str | None:
+DATA = "benchmarks/results"   # tracked data, not code: a changed result or log does not make the code dirty
+
+
+def _git(*args: str, root: Path = ROOT) -> str | None:
     try:
-        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -24,14 +27,17 @@ def _git(*args: str) -> str | None:
 @lru_cache(maxsize=1)
 def code_version() -> dict:
     """{"version", "commit", "dirty"}: dirty = tracked files differ from the commit (untracked files,
-    such as run folders, do not count)."""
+    such as run folders, do not count; nor do benchmarks/results/, which holds data, among it the logs
+    of the runs being measured)."""
     try:
         version = metadata.version("edgeslim")
     except metadata.PackageNotFoundError:
         version = None
     commit = _git("rev-parse", "HEAD") if (ROOT / ".git").exists() else None
-    dirty = None
-    if commit is not None:
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        dirty = None if status is None else bool(status)
-    return {"version": version, "commit": commit, "dirty": dirty}
+    return {"version": version, "commit": commit, "dirty": None if commit is None else is_dirty(ROOT)}
+
+
+def is_dirty(root: Path) -> bool | None:
+    """Whether tracked files outside DATA differ from the checkout's commit (None: git failed)."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){DATA}", root=root)
+    return None if status is None else bool(status)
