@@ -136,13 +136,19 @@ def plan(models: list[str], methods: list[str], targets: dict, seeds: tuple = (0
     return configs
 
 
-def put_first(configs: list[Config], names: list[str]) -> list[Config]:
+def same_dense_phase(a: Config, b: Config) -> bool:
+    """Whether two one-shot runs train the same dense phase: same model and seed, methods of one kind."""
+    kind = DENSE_PHASE.get(a.method)
+    return kind is not None and kind == DENSE_PHASE.get(b.method) and (a.model, a.seed) == (b.model, b.seed)
+
+
+def put_first(configs: list[Config], names: list[str], flag: str = "--first") -> list[Config]:
     """`configs` with the named ones moved to the front in the order named (a run waiting for its
     seed run's widths still waits: run_all starts it once that one has finished)."""
     by_name = {c.name: c for c in configs}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise BenchError(f"--first {','.join(unknown)}: not in this grid (its names: {', '.join(by_name)})")
+        raise BenchError(f"{flag} {','.join(unknown)}: not in this grid (its names: {', '.join(by_name)})")
     first = [by_name[n] for n in dict.fromkeys(names)]
     return first + [c for c in configs if c not in first]
 
@@ -173,12 +179,9 @@ class Layout:
         return self.root / "reports" / config.name
 
     def dense_start(self, config: Config, configs: list[Config]) -> Optional[Path]:
-        """A dense.pt kept by another run of the grid whose dense phase is `config`'s (same model and
-        seed, a method of the same kind, any target), or None."""
-        kind = DENSE_PHASE.get(config.method)
+        """A dense.pt kept by another run of the grid whose dense phase is `config`'s, or None."""
         for c in configs:
-            if kind is None or c == config or (c.model, c.seed) != (config.model, config.seed) \
-                    or DENSE_PHASE.get(c.method) != kind:
+            if c == config or not same_dense_phase(c, config):
                 continue
             run = self.run(c)
             for folder in (run, run.with_name(run.name + ".partial")):
@@ -323,9 +326,7 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
                         bar.update(1)
                         continue
                 dense = layout.dense_start(c, grid)
-                if dense is None and c.method in DENSE_PHASE and any(
-                        (r.model, r.seed, DENSE_PHASE.get(r.method)) == (c.model, c.seed, DENSE_PHASE[c.method])
-                        for r, _, _ in running.values()):
+                if dense is None and any(same_dense_phase(r, c) for r, _, _ in running.values()):
                     continue   # a run of the same kind is training the dense phase this one can start from
                 todo.remove(c)
                 cmd = command(c, preset, layout, data_dir, extra, dense)
@@ -600,7 +601,8 @@ def main(argv=None) -> int:
         if args.first and args.only:
             raise BenchError("--first and --only: give one of them")
         if args.first or args.only:
-            configs = put_first(configs, parse_list(args.first or args.only, "first" if args.first else "only"))
+            flag = "first" if args.first else "only"
+            configs = put_first(configs, parse_list(args.first or args.only, flag), f"--{flag}")
         to_run = configs[:len(set(parse_list(args.only, "only")))] if args.only else configs
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
