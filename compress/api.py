@@ -63,6 +63,7 @@ from compress.prune.graph import ChannelGroup, find_groups
 from compress.prune.masks import ChannelMasker
 from compress.prune.seed import SeedConfig, SeedPruner
 from compress.prune.surgery import extract as cut
+from compress.prune.surgery import mark_removable
 from compress.prune.targets import target_dict
 
 METHODS = ("seed", "l1", "slimming", "taylor", "random")
@@ -90,7 +91,7 @@ class Pruner:
                  min_keep: float = 0.1, round_to: int = 1, cost_power: float = 0.0, ignore: Sequence[str] = (),
                  seed: int = 0, slimming_lambda: float = 1e-4, groups: Optional[list[ChannelGroup]] = None,
                  latency_table=None, format: Optional[str] = None, threads: Optional[int] = None,
-                 **seed_options):
+                 remove_branches: bool = False, **seed_options):
         if method not in METHODS:
             raise UserError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
         if method != "seed" and seed_options:
@@ -110,6 +111,8 @@ class Pruner:
         self.example_input = example_input.detach()
         was_training = model.training
         self.groups = groups if groups is not None else find_groups(model, self.example_input, ignore)
+        if remove_branches:   # residual branches may be cut to width 0 (surgery.BranchBias)
+            mark_removable(model, self.groups, self.example_input)
         self.cost = ResourceModel(model, self.groups, self.example_input)
         model.train(was_training)
         if latency:

@@ -107,6 +107,7 @@ class RunConfig:
     min_keep: float = 0.1                    # every group keeps at least this share (and >= 1 channel)
     cost_power: float = 0.0                  # rank channels by score / resource**cost_power (BENCHMARKS.md)
     round_to: int = 1                        # kept widths in multiples of this (1: any width; 8 suits SIMD kernels)
+    remove_branches: bool = False            # residual branches may be cut whole (their inner group to width 0)
     redistribute: Optional[float] = None     # seed: s, share of a donor layer's spare channels moved per redistribution
     redistribute_by: Optional[str] = None    # seed: layer significance xi (compress/prune/seed.py, BENCHMARKS.md)
     redistribute_every: Optional[int] = None  # seed: steps between redistributions (default one epoch)
@@ -226,6 +227,8 @@ def make_parser() -> argparse.ArgumentParser:
                                        "better)")
     a("--round-to", type=int, help="seed, l1, slimming, taylor: keep every layer's width a multiple of N (or "
                                    "whole); 8 or 16 fill a CPU's vector units better (default 1: any width)")
+    _bool_flag(p, "remove-branches", "let a residual branch's inner channels go to width 0: the block becomes its "
+                                     "shortcut (fewer layers, not just thinner ones; default off)")
     a("--redistribute", type=float, help="seed: s, the share of a low-significance layer's channels above the "
                                          f"minimum width moved to other layers per redistribution (default {_SEED.redistribute}; "
                                          "0 = never)")

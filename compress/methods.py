@@ -230,7 +230,7 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
         slim, target = uniform_model(model, example, target, cfg, **latency)
         return Plan(slim, [Phase("train", cfg.epochs)], [], dense_counts, target)
     common = dict(min_keep=cfg.min_keep, round_to=cfg.round_to, cost_power=cfg.cost_power, ignore=cfg.ignore,
-                  seed=cfg.seed, **latency)
+                  seed=cfg.seed, remove_branches=cfg.remove_branches, **latency)
 
     if method == "seed":
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -68,13 +68,15 @@ def allowed_widths(cost: ResourceModel, min_keep: float, round_to: int = 1) -> l
         if round_to > 1:
             raise UserError("a latency target rounds widths to the latency table's steps: drop --round-to (round_to=)")
         steps = cost.latency.step_counts()
-        return [w[w >= low] for w, low in zip(steps, min_counts(cost, min_keep))]
-    out = []
-    for size, low in zip(cost.sizes, min_counts(cost, min_keep)):
-        first = max(round_to, math.ceil(low / round_to) * round_to) if round_to > 1 else int(low)
-        widths = set(range(first, int(size), round_to)) | {int(size)}
-        out.append(np.array(sorted(widths), dtype=np.float64))
-    return out
+        out = [w[w >= low] for w, low in zip(steps, min_counts(cost, min_keep))]
+    else:
+        out = []
+        for size, low in zip(cost.sizes, min_counts(cost, min_keep)):
+            first = max(round_to, math.ceil(low / round_to) * round_to) if round_to > 1 else int(low)
+            widths = set(range(first, int(size), round_to)) | {int(size)}
+            out.append(np.array(sorted(widths), dtype=np.float64))
+    # a removable group (a residual branch's inner channels) may also go: width 0
+    return [np.concatenate([[0.0], w]) if gone else w for w, gone in zip(out, cost.removable)]
 
 
 def max_reduction(cost: ResourceModel, metric: str, min_keep: float, round_to: int = 1) -> float:

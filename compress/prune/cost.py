@@ -61,6 +61,7 @@ class ResourceModel:
         self.names = [g.name for g in self.groups]
         self.index = {n: i for i, n in enumerate(self.names)}
         self.sizes = np.array([g.size for g in self.groups], dtype=np.int64)
+        self.removable = np.array([g.removable for g in self.groups], dtype=bool)   # may go to width 0
         spatial = _output_positions(model, example_input)
 
         # Each layer's width as c + A @ keep, for its input side and its output side.

@@ -82,6 +82,7 @@ class ChannelGroup:
     norm: str | None          # the BN after `name` (None if it has none)
     members: list = field(default_factory=list)   # list[Member], cut together
     outputs: list = field(default_factory=list)   # modules whose output the mask multiplies
+    removable: bool = False   # may lose every channel: the inner channels of a residual branch
 
 
 def _op_name(grad_fn) -> str:

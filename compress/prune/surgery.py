@@ -45,7 +45,8 @@ LOCATE_SAMPLES = 8    # samples kept per layer to find where a failing check par
 
 
 def _removed_indices(groups: Sequence[ChannelGroup], masks: Mapping[str, torch.Tensor]) -> dict:
-    """(module name, "in"|"out") -> sorted indices to remove, gathered over all groups."""
+    """(module name, "in"|"out") -> sorted indices to remove, gathered over all groups. Only a
+    removable group (ChannelGroup.removable: a residual branch's inner channels) may lose them all."""
     cut: dict[tuple[str, str], set[int]] = {}
     for group in groups:
         mask = masks.get(group.name)
@@ -54,7 +55,7 @@ def _removed_indices(groups: Sequence[ChannelGroup], masks: Mapping[str, torch.T
         mask = torch.as_tensor(mask).bool().cpu()
         if mask.numel() != group.size:
             raise ValueError(f"mask for group {group.name!r} has {mask.numel()} entries, expected {group.size}")
-        if not mask.any():
+        if not mask.any() and not group.removable:
             raise ValueError(f"mask for group {group.name!r} removes every channel")
         off = set(torch.nonzero(~mask).flatten().tolist())
         if not off:
@@ -78,13 +79,124 @@ def extract(model: nn.Module, groups: Sequence[ChannelGroup], masks: Mapping[str
     """
     slim = _without_masks(copy.deepcopy(model))
     slim.zero_grad(set_to_none=True)  # pruners would also cut .grad; we don't need it
+    whole = []   # (name, kind) losing every channel on that side: replaced below, not cut
     for (name, kind), idxs in _removed_indices(groups, masks).items():
         layer = slim.get_submodule(name)
-        _cut(layer, kind, idxs)
+        if len(idxs) == _width(layer, kind):
+            whole.append((name, kind))
+        else:
+            _cut(layer, kind, idxs)
     batch = check_input if check_input is not None else example_input
+    if whole:
+        if batch is None:
+            raise ValueError("extract: removing a whole branch needs example_input (to find the BN after a layer)")
+        _remove_branches(slim, whole, batch)
     if batch is not None:  # running the check runs the cut network: it proves it works too
         slim.extraction_check = check_extraction(model, slim, groups, masks, batch)
     return slim
+
+
+# ----------------------------------------------------------------------------- removed branches
+#
+# A group cut to width 0 (a residual branch's inner channels): torch has no 0-channel conv, so its
+# producers become Removed (nothing reads them any more) and each layer that read only those
+# channels computes a constant, its bias (or 0) pushed through the BN right after it: a BranchBias,
+# one learned value per channel, broadcast where it is added to the shortcut.
+
+
+class Removed(nn.Module):
+    """A layer whose every output channel was pruned: what it computed is read by nobody."""
+
+    def forward(self, x):
+        return x.new_zeros(())
+
+
+class BranchBias(nn.Module):
+    """A conv/Linear whose every input channel was pruned (and the BN after it, folded in): one
+    value per output channel, shaped to broadcast over the batch and the positions."""
+
+    def __init__(self, channels: int, spatial: int = 2):
+        super().__init__()
+        self.value = nn.Parameter(torch.zeros(channels))
+        self.spatial = spatial   # 2 for a conv's (N, C, H, W), 0 for a Linear's (N, C)
+
+    def forward(self, x):
+        return self.value.view(1, -1, *([1] * self.spatial))
+
+
+class Folded(nn.Identity):
+    """A BN folded into the BranchBias before it."""
+
+
+REPLACEMENTS = {"BranchBias": BranchBias, "Removed": Removed, "Folded": Folded}
+
+
+def _width(layer: nn.Module, kind: str) -> int:
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels if kind == "in" else layer.out_channels
+    if isinstance(layer, nn.Linear):
+        return layer.in_features if kind == "in" else layer.out_features
+    return layer.num_features
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _bn_after(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, str]:
+    """{layer: the BN called directly on its output} for the layers `names` (one traced forward)."""
+    outputs, found, handles = {}, {}, []
+    modules = dict(model.named_modules())
+
+    def produced(name):
+        def hook(module, args, out):
+            outputs[id(out)] = name
+        return hook
+
+    def reads(name):
+        def hook(module, args):
+            if id(args[0]) in outputs:
+                found.setdefault(outputs[id(args[0])], name)
+        return hook
+
+    for name in names:
+        handles.append(modules[name].register_forward_hook(produced(name)))
+    for name, m in modules.items():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            handles.append(m.register_forward_pre_hook(reads(name)))
+    try:
+        with _in_eval(model), _fp32():
+            model(x.detach().cpu().float() if x.is_floating_point() else x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _remove_branches(slim: nn.Module, whole: list[tuple[str, str]], x: torch.Tensor) -> None:
+    readers = [name for name, kind in whole if kind == "in"]
+    after = _bn_after(slim, readers, x)
+    for name in readers:
+        layer = slim.get_submodule(name)
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"cannot remove every input of {type(layer).__name__} {name!r}")
+        conv = isinstance(layer, nn.Conv2d)
+        n_out = layer.out_channels if conv else layer.out_features
+        value = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(n_out)
+        bias = BranchBias(n_out, spatial=2 if conv else 0)
+        bn_name = after.get(name)
+        if bn_name is not None:   # fold the BN: what it makes of the constant, in eval mode
+            bn = slim.get_submodule(bn_name)
+            with torch.no_grad(), _in_eval(bn):
+                value = bn(value.view(1, -1, *([1] * bias.spatial)).to(bn.weight.dtype if bn.affine else value.dtype))
+            _set_submodule(slim, bn_name, Folded())
+        with torch.no_grad():
+            bias.value.copy_(value.flatten())
+        _set_submodule(slim, name, bias)
+    for name, kind in whole:
+        if kind == "out":
+            _set_submodule(slim, name, Removed())
 
 
 def _without_masks(model: nn.Module) -> nn.Module:
@@ -152,6 +264,38 @@ def trial_cut(model: nn.Module, groups: Sequence[ChannelGroup], example_input: t
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
     slim = extract(model, groups, masks)
     return check_extraction(model, slim, groups, masks, x, context="pruning would change this network")
+
+
+def mark_removable(model: nn.Module, groups: Sequence[ChannelGroup], example_input: torch.Tensor) -> list[str]:
+    """Set `removable` on the groups whose every channel can go: the inner channels of a residual
+    branch, so the network still depends on its input without them (two random batches give other
+    outputs with the group masked off). All of them are then removed at once, with every other
+    channel of the rest cut, and checked as extract does; returns the removable groups' names."""
+    from compress.prune.masks import ChannelMasker
+
+    x = torch.randn((max(2, example_input.shape[0]), *example_input.shape[1:]),
+                    generator=torch.Generator().manual_seed(0))
+    y = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    net = _without_masks(copy.deepcopy(model)).float().cpu()
+    masker = ChannelMasker(net, groups)
+    found = []
+    try:
+        with _in_eval(net), _fp32():
+            for g in groups:
+                masker.set({g.name: torch.zeros(g.size, dtype=torch.bool)})
+                a, b = _tensors(net(x)), _tensors(net(y))
+                scale = max(float(t.abs().max()) for t in a)
+                if max(float((u - v).abs().max()) for u, v in zip(a, b)) > 1e-3 * scale:
+                    found.append(g.name)
+    finally:
+        masker.remove()
+    for g in groups:
+        g.removable = g.name in found
+    if found:
+        masks = {g.name: (torch.zeros(g.size, dtype=torch.bool) if g.removable else torch.arange(g.size) % 2 == 0)
+                 for g in groups}
+        extract(model, groups, masks, check_input=x)   # a UserError if removing them changes the network
+    return found
 
 
 def _run(slim: nn.Module, x: torch.Tensor):
@@ -378,7 +522,13 @@ def arch_of(model: nn.Module, spec: str, num_classes: int, width: float) -> dict
     """What `rebuild` needs: how to build the dense model, and every Conv2d/BN/Linear's shape."""
     modules = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, BranchBias):
+            modules[name] = {"type": "BranchBias", "in": 0, "out": m.value.numel(), "groups": 1, "spatial": m.spatial}
+        elif isinstance(m, Removed):
+            modules[name] = {"type": "Removed", "in": 0, "out": 0, "groups": 1}
+        elif isinstance(m, Folded):
+            modules[name] = {"type": "Folded", "in": 0, "out": 0, "groups": 1}
+        elif isinstance(m, nn.Conv2d):
             modules[name] = {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels, "groups": m.groups}
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             modules[name] = {"type": type(m).__name__, "in": m.num_features, "out": m.num_features, "groups": 1}
@@ -405,6 +555,10 @@ def rebuild(arch: dict) -> nn.Module:
         except AttributeError:
             raise UserError(f"arch.json lists layer {name!r} but model {spec!r} has no such layer") from None
         want = shape.get("type")
+        if want in REPLACEMENTS:   # a removed branch's layers (see BranchBias)
+            new = REPLACEMENTS[want]
+            _set_submodule(model, name, new(int(shape["out"]), int(shape.get("spatial", 2))) if want == "BranchBias" else new())
+            continue
         if type(layer).__name__ != want and not (want == "Conv2d" and isinstance(layer, nn.Conv2d)):
             raise UserError(f"arch.json says {name!r} is a {want}, but model {spec!r} has a {type(layer).__name__}")
         _reshape(layer, int(shape["in"]), int(shape["out"]), int(shape.get("groups", 1)))
