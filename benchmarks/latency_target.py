@@ -1,7 +1,8 @@
 """Latency-targeted vs FLOPs-targeted pruning at equal measured latency, on this machine.
 
     python benchmarks/latency_target.py [--models resnet56,vgg16] [--targets 0.5,0.76] \
-        [--format tflite-int8] [--threads 1] [--tables DIR] [--epochs 4] [--rounds 3] [--data-dir DIR] [--out DIR]
+        [--format tflite-int8] [--threads 1] [--tables DIR] [--epochs 4] [--rounds 3] [--data-dir DIR] [--out DIR] \
+        [--kinds flops,latency,depth]
 
 For each model and FLOPs reduction T (default: ResNet-56 0.5 and 0.76, VGG-16 0.76 and 0.9; --targets
 sets one list for every model), with the seed method and the same 4-epoch schedule
@@ -12,7 +13,8 @@ sets one list for every model), with the seed method and the same 4-epoch schedu
    that p50 is the budget B the latency-targeted run gets.
 3. Latency-targeted: `--target latency=Bms --latency-table TABLE --format F --threads N`
    -> OUT/runs/M-latency-T (the table: OUT/../latency-prediction/tables/M.json, made by
-   benchmarks/latency_prediction.py, or profiled here when missing).
+   benchmarks/latency_prediction.py, or profiled here when missing). With --kinds ...,depth also the
+   same budget with --remove-branches (residual branches may go whole) -> OUT/runs/M-depth-T.
 4. A final pass measures the dense network (untrained, every channel: latency only) and every
    bundle again, --rounds interleaved rounds, the median of the rounds' p50 per bundle, so that all
    the numbers compared come from one stretch of time on the host.
@@ -60,6 +62,7 @@ QUIET_LOAD = 0.9        # a measurement waits until the 1-min load average is be
 QUIET_WAIT = 45 * 60    # ... for at most this long (s; --quiet-wait), then measures anyway and records the load
 EFFICIENCY_GOAL = 0.85  # ResNet-56: speed-up >= 0.85 x FLOPs ratio
 DEFAULT_TARGETS = {"resnet56": (0.5, 0.76), "vgg16": (0.76, 0.9)}
+KINDS = {"flops": "FLOPs-targeted", "latency": "latency-targeted", "depth": "latency-targeted + branch removal"}
 
 
 class NoRoom(BenchError):
@@ -86,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-flags", default="", help="more device_bench profile flags, e.g. '--grid coarse'")
     p.add_argument("--extra", default="", help="more compress flags for every run (smoke tests: '--train-subset 256')")
     p.add_argument("--out", type=Path, default=RESULTS / "latency-target")
+    p.add_argument("--kinds", default="flops,latency", help="runs per budget: flops (always: it sets the budget), "
+                   "latency (latency-targeted), depth (latency-targeted with --remove-branches: residual branches may "
+                   "go whole); default flops,latency")
     p.add_argument("--report-only", action="store_true", help="summarise what is finished, run nothing")
     args = p.parse_args(argv)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -99,6 +105,10 @@ def parse_args(argv=None):
         if not targets or not all(0 < t < 1 for t in targets):
             raise BenchError(f"--targets {args.targets!r}: every reduction must lie strictly between 0 and 1")
         args.model_targets = {m: targets for m in args.model_list}
+    args.kind_list = ["flops"] + [k.strip() for k in args.kinds.split(",") if k.strip() and k.strip() != "flops"]
+    unknown = set(args.kind_list) - set(KINDS)
+    if unknown or len(set(args.kind_list)) != len(args.kind_list):
+        raise BenchError(f"--kinds {args.kinds!r}: choose from {', '.join(KINDS)}, each once")
     if args.threads < 1 or args.rounds < 1 or args.epochs < 1 or args.runs < 1:
         raise BenchError("--threads, --rounds, --runs and --epochs must be at least 1")
     if not 0 < args.width <= 4:
@@ -218,19 +228,21 @@ def run_model(model: str, args) -> List[Dict[str, Any]]:
         train(f"{model}-flops-{pct(t)}", ["--target", f"flops={t:g}"], args)
     budgets = {t: measure(bundle(args.out / "runs" / f"{model}-flops-{pct(t)}", args), table, "budget", args)
                ["measured_p50_ms"] for t in targets}
-    no_room: Dict[float, str] = {}
+    no_room: Dict[tuple, str] = {}
     for t in targets:
         b = budgets[t]
         print(f"{model} flops={t:g}: measured p50 {b:.4f} ms -> latency budget", file=sys.stderr, flush=True)
-        try:
-            train(f"{model}-latency-{pct(t)}", ["--target", f"latency={b:.4f}ms", "--latency-table", str(table),
-                                                "--format", args.format, "--threads", str(args.threads)], args)
-        except NoRoom as e:   # a result, not a failure: FLOPs bought no predicted latency here
-            no_room[t] = str(e)
+        for kind in args.kind_list[1:]:
+            try:
+                train(f"{model}-{kind}-{pct(t)}", ["--target", f"latency={b:.4f}ms", "--latency-table", str(table),
+                                                   "--format", args.format, "--threads", str(args.threads),
+                                                   *(["--remove-branches"] if kind == "depth" else [])], args)
+            except NoRoom as e:   # a result, not a failure: FLOPs bought no predicted latency here
+                no_room[(kind, t)] = str(e)
     dists = {"dense": bundle(dense_run(model, args), args)}
     for t in targets:
-        for kind in ("flops", "latency"):
-            if not (kind == "latency" and t in no_room):
+        for kind in args.kind_list:
+            if (kind, t) not in no_room:
                 dists[f"{kind}-{pct(t)}"] = bundle(args.out / "runs" / f"{model}-{kind}-{pct(t)}", args)
     # Final pass: every bundle once per round, rounds interleaved.
     p50: Dict[str, List[float]] = {k: [] for k in dists}
@@ -245,10 +257,10 @@ def run_model(model: str, args) -> List[Dict[str, Any]]:
     med = {k: statistics.median(v) for k, v in p50.items()}
     dense_report = read_json(args.out / "runs" / f"{model}-dense" / "report.json")
     for t in targets:
-        if t in no_room:
-            pairs.append({"model": model, "flops_target": t, "kind": "latency", "budget_ms": budgets[t],
-                          "no_room": no_room[t]})
-        for kind in ("flops", "latency"):
+        for (kind, tt), why in no_room.items():
+            if tt == t:
+                pairs.append({"model": model, "flops_target": t, "kind": kind, "budget_ms": budgets[t], "no_room": why})
+        for kind in args.kind_list:
             key = f"{kind}-{pct(t)}"
             if key not in dists:
                 continue
@@ -265,6 +277,7 @@ def run_model(model: str, args) -> List[Dict[str, Any]]:
                 "speedup": round(speedup, 3), "flops_ratio": round(flops_ratio, 3),
                 "efficiency": round(speedup / flops_ratio, 3), "max_load_at_measurement": max(loads),
                 "widths": {layer["name"]: layer["after"] for layer in rep.get("layers", [])},
+                "removed_branches": (((rep.get("pruning") or {}).get("seed") or {}).get("depth") or {}).get("removed"),
             })
     return pairs
 
@@ -273,21 +286,25 @@ def verdicts(pairs: List[Dict[str, Any]]) -> List[str]:
     out = []
     for model in sorted({p["model"] for p in pairs}):
         for t in sorted({p["flops_target"] for p in pairs if p["model"] == model}):
-            f = next(p for p in pairs if p["model"] == model and p["flops_target"] == t and p["kind"] == "flops")
-            lat = next(p for p in pairs if p["model"] == model and p["flops_target"] == t and p["kind"] == "latency")
-            if "no_room" in lat:
-                out.append(f"{model}, flops={t:g}: no latency-targeted run: {lat['no_room']}")
-                continue
-            d = (lat["top1"] - f["top1"]) * 100
-            within = abs(lat["p50_over_budget"] - 1) <= TOLERANCE
-            text = (f"{model}, budget {lat['budget_ms']:.3f} ms (the flops={t:g} run's p50): latency-targeted "
-                    f"{lat['top1'] * 100:.2f} % at {lat['p50_ms']:.3f} ms vs FLOPs-targeted {f['top1'] * 100:.2f} % "
-                    f"at {f['p50_ms']:.3f} ms ({d:+.2f} pp; p50 {(lat['p50_over_budget'] - 1) * 100:+.1f} % of the "
-                    f"budget: {'within' if within else 'outside'} ±{TOLERANCE * 100:.0f} %)")
-            if model.startswith("resnet"):
-                text += (f"; efficiency latency {lat['efficiency']:.2f} / FLOPs {f['efficiency']:.2f} "
-                         f"(goal ≥ {EFFICIENCY_GOAL})")
-            out.append(text)
+            here = [p for p in pairs if p["model"] == model and p["flops_target"] == t]
+            f = next(p for p in here if p["kind"] == "flops")
+            for lat in (p for p in here if p["kind"] != "flops"):
+                name = KINDS.get(lat["kind"], lat["kind"])
+                if "no_room" in lat:
+                    out.append(f"{model}, flops={t:g}: no {name} run: {lat['no_room']}")
+                    continue
+                d = (lat["top1"] - f["top1"]) * 100
+                within = abs(lat["p50_over_budget"] - 1) <= TOLERANCE
+                text = (f"{model}, budget {lat['budget_ms']:.3f} ms (the flops={t:g} run's p50): {name} "
+                        f"{lat['top1'] * 100:.2f} % at {lat['p50_ms']:.3f} ms vs FLOPs-targeted {f['top1'] * 100:.2f} % "
+                        f"at {f['p50_ms']:.3f} ms ({d:+.2f} pp; p50 {(lat['p50_over_budget'] - 1) * 100:+.1f} % of the "
+                        f"budget: {'within' if within else 'outside'} ±{TOLERANCE * 100:.0f} %)")
+                if model.startswith("resnet"):
+                    text += (f"; efficiency {lat['efficiency']:.2f} / FLOPs-targeted {f['efficiency']:.2f} "
+                             f"(goal ≥ {EFFICIENCY_GOAL})")
+                if lat.get("removed_branches") is not None:
+                    text += f"; {len(lat['removed_branches'])} residual branches removed"
+                out.append(text)
     return out
 
 
@@ -296,11 +313,12 @@ def plot(pairs: List[Dict[str, Any]], path: Path) -> None:
     models = sorted({p["model"] for p in pairs})
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for kind, marker, color in (("flops", "o", "C0"), ("latency", "s", "C1")):
+        for kind, marker, color in (("flops", "o", "C0"), ("latency", "s", "C1"), ("depth", "^", "C2")):
             pts = sorted((p for p in pairs if p["model"] == model and p["kind"] == kind and "p50_ms" in p),
                          key=lambda p: p["p50_ms"])
-            ax.plot([p["p50_ms"] for p in pts], [p["top1"] * 100 for p in pts], marker=marker, color=color,
-                    label=f"{kind}-targeted (seed)")
+            if pts:
+                ax.plot([p["p50_ms"] for p in pts], [p["top1"] * 100 for p in pts], marker=marker, color=color,
+                        label=f"{KINDS[kind]} (seed)")
         for b in sorted({p["budget_ms"] for p in pairs if p["model"] == model}):
             ax.axvline(b, color="grey", lw=0.6, ls="--")
         ax.set_xlabel("measured p50 (ms), dashed: budgets")
@@ -320,7 +338,7 @@ def markdown(doc: Dict[str, Any]) -> str:
               "speed-up | FLOPs ratio | efficiency |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in doc["pairs"]:
         if "no_room" in p:
-            lines.append(f"| {p['model']} | latency (flops={p['flops_target']:g} p50) | {p['budget_ms']:.3f} | "
+            lines.append(f"| {p['model']} | {p['kind']} (flops={p['flops_target']:g} p50) | {p['budget_ms']:.3f} | "
                          f"not run: {p['no_room']} |||||||||")
             continue
         pred = f"{p['predicted_ms']:.3f}" if p.get("predicted_ms") is not None else "–"
@@ -356,7 +374,7 @@ def main(argv=None) -> int:
     pairs = [p for m in args.model_list for p in done.get(m, [])]
     started["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     doc = {"meta": started, "args": {k: getattr(args, k) for k in ("format", "threads", "epochs", "seed", "runs",
-                                                                    "rounds", "width", "extra")},
+                                                                    "rounds", "width", "extra", "kinds")},
            "pairs": pairs, "verdicts": verdicts(pairs), "failed": failed}
     write_json(args.out / "latency_target.json", doc)
     if pairs:

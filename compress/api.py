@@ -59,6 +59,7 @@ from compress.latency import open_table, resolve
 from compress.prune import importance
 from compress.prune.budget import max_reduction, select
 from compress.prune.cost import ResourceModel
+from compress.prune.depth import DepthChooser
 from compress.prune.graph import ChannelGroup, find_groups
 from compress.prune.masks import ChannelMasker
 from compress.prune.seed import SeedConfig, SeedPruner
@@ -70,8 +71,10 @@ METHODS = ("seed", "l1", "slimming", "taylor", "random")
 Reduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
-def check_reachable(cost: ResourceModel, metric: str, reduction: float, min_keep: float, round_to: int = 1) -> None:
-    best = max_reduction(cost, metric, min_keep, round_to)
+def check_reachable(cost: ResourceModel, metric: str, reduction: float, min_keep: float, round_to: int = 1,
+                    removable: frozenset = frozenset()) -> None:
+    """UserError when no selection can reach the target (`removable`: branches that may go whole)."""
+    best = max_reduction(cost, metric, min_keep, round_to, removable)
     if metric == "latency" and reduction > best:
         dense = cost.dense("latency")
         raise UserError(f"latency budget {dense * (1 - reduction):.4g} ms is unreachable for this model: keeping "
@@ -91,7 +94,7 @@ class Pruner:
                  min_keep: float = 0.1, round_to: int = 1, cost_power: float = 0.0, ignore: Sequence[str] = (),
                  seed: int = 0, slimming_lambda: float = 1e-4, groups: Optional[list[ChannelGroup]] = None,
                  latency_table=None, format: Optional[str] = None, threads: Optional[int] = None,
-                 remove_branches: bool = False, **seed_options):
+                 remove_branches: bool = False, calibration: Optional[torch.Tensor] = None, **seed_options):
         if method not in METHODS:
             raise UserError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
         if method != "seed" and seed_options:
@@ -112,18 +115,26 @@ class Pruner:
         was_training = model.training
         self.groups = groups if groups is not None else find_groups(model, self.example_input, ignore)
         if remove_branches:   # residual branches may be cut to width 0 (surgery.BranchBias)
+            if widths is not None:
+                raise UserError("remove_branches chooses branches for a target; widths= fixes every group's width")
             mark_removable(model, self.groups, self.example_input)
         self.cost = ResourceModel(model, self.groups, self.example_input)
         model.train(was_training)
         if latency:
             self.target = self._price_latency(latency_table, format, threads)
+        self.depth: Optional[DepthChooser] = None
+        self.removed: Optional[frozenset] = None   # one-shot methods: chosen at the first `masks`
+        self.depth_record: Optional[dict] = None
+        if remove_branches:
+            self.depth = DepthChooser(model, self.groups, self.cost, calibration, self.target["metric"])
+        removable = frozenset(self.depth.removable) if self.depth else frozenset()
         if self.target is not None:
             for metric, reduction in _all(self.target).items():
-                check_reachable(self.cost, metric, reduction, min_keep, round_to)
+                check_reachable(self.cost, metric, reduction, min_keep, round_to, removable)
             if self.target.get("also") or latency:   # can the widths hit it? Find out now, not after training
                 trial = {g.name: -torch.arange(g.size, dtype=torch.float32) for g in self.groups}
                 select(trial, self.cost, self.target["metric"], self.target["reduction"], min_keep,
-                       cost_power=cost_power, round_to=round_to, also=self.target.get("also"))
+                       cost_power=cost_power, round_to=round_to, also=self.target.get("also"), removed=removable)
         else:
             _check_widths(self.groups, self.widths)
         self.seed_pruner: Optional[SeedPruner] = None
@@ -141,6 +152,8 @@ class Pruner:
                                         also=self.target.get("also"), min_keep=min_keep, cost_power=cost_power, round_to=round_to,
                                         **split, **seed_options)
             self.seed_pruner = SeedPruner(self.groups, self.cost, config)
+            if self.depth is not None:
+                self.seed_pruner.choose_removed = self.depth.choose
             self.steps_per_epoch = steps_per_epoch
         if method in ("seed", "taylor"):
             self._attach()
@@ -241,8 +254,15 @@ class Pruner:
         if self.widths is not None:
             return keep_top(self.scores(), self.widths)
         t = self.target
-        return select(self.scores(), self.cost, t["metric"], t["reduction"], self.min_keep,
-                      cost_power=self.cost_power, round_to=self.round_to, also=t.get("also"))
+        scores = self.scores()
+
+        def select_for(removed: frozenset) -> dict[str, torch.Tensor]:
+            return select(scores, self.cost, t["metric"], t["reduction"], self.min_keep, cost_power=self.cost_power,
+                          round_to=self.round_to, also=t.get("also"), removed=removed)
+
+        if self.depth is not None and self.removed is None:   # once: the branches to remove
+            self.removed, self.depth_record = self.depth.choose(select_for)
+        return select_for(self.removed or frozenset())
 
     def extract(self, check_input: Optional[torch.Tensor] = None) -> nn.Module:
         """The compact network: a new nn.Module with the switched-off channels physically removed.
@@ -276,6 +296,8 @@ class Pruner:
                "cost_power": self.cost_power, "extraction": self.extraction}
         if self.seed_pruner is not None:
             out["seed"] = self.seed_pruner.summary()
+        if self.depth_record is not None:
+            out["depth"] = self.depth_record
         if self.method == "slimming":
             out["slimming_lambda"] = self.slimming_lambda
         return out

@@ -128,6 +128,19 @@ def check_batch(trainer: Trainer, n: int = 32) -> torch.Tensor:
     return x
 
 
+def calibration_batch(data, n: int = 256) -> torch.Tensor:
+    """`n` training images drawn with a fixed seed (a class-sorted dataset still gives a mix),
+    preprocessed without augmentation: the batch on which compress.prune.depth measures which
+    residual branches can go."""
+    import numpy as np
+
+    from compress.data import batches as make_batches
+    idx = np.sort(np.random.default_rng(0).permutation(len(data.y_train))[:n])
+    x, _ = next(iter(make_batches(data.x_train[idx], data.y_train[idx], len(idx), train=False, seed=0, epoch=0,
+                                  mean=data.mean, std=data.std, device="cpu", channels_last=False)))
+    return x
+
+
 def _score_batches(trainer: Trainer, pruner: Pruner, count: int) -> None:
     """Forward + backward on `count` training batches for a Taylor score; no weight update."""
     from compress.data import batches as make_batches
@@ -209,6 +222,8 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
     target = cfg.target_spec
 
     if method == "scratch":
+        if cfg.remove_branches:
+            raise UserError("--remove-branches: scratch trains the widths of --widths-from; it chooses no branches")
         arch, seed_target = read_widths_run(cfg.widths_from)
         dense = build_model(arch["model"], arch["num_classes"], arch["width"])
         model = rebuild(arch)
@@ -226,11 +241,17 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
     if method == "none":
         return Plan(model, [Phase("train", cfg.epochs)], [], dense_counts, None,
                     dense_top1=lambda log: _last_test_top1(log, "train"))
+    if cfg.remove_branches and method in ("none", "uniform"):
+        raise UserError(f"--remove-branches is for the pruning methods; {method} trains a fixed network")
     if method == "uniform":
         slim, target = uniform_model(model, example, target, cfg, **latency)
         return Plan(slim, [Phase("train", cfg.epochs)], [], dense_counts, target)
+    if cfg.remove_branches and method == "random":
+        raise UserError("--remove-branches: random keeps the widths of --widths-from; it chooses no branches")
     common = dict(min_keep=cfg.min_keep, round_to=cfg.round_to, cost_power=cfg.cost_power, ignore=cfg.ignore,
-                  seed=cfg.seed, remove_branches=cfg.remove_branches, **latency)
+                  seed=cfg.seed, **latency)
+    if cfg.remove_branches:   # the same fixed batch on every rank, so every rank removes the same branches
+        common.update(remove_branches=True, calibration=calibration_batch(data))
 
     if method == "seed":
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -38,7 +38,7 @@ same scores picks the same masks.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import torch
@@ -56,12 +56,14 @@ def min_counts(cost: ResourceModel, min_keep: float) -> np.ndarray:
     return np.array([max(1, math.ceil(min_keep * s - 1e-9)) for s in cost.sizes], dtype=np.float64)
 
 
-def allowed_widths(cost: ResourceModel, min_keep: float, round_to: int = 1) -> list[np.ndarray]:
+def allowed_widths(cost: ResourceModel, min_keep: float, round_to: int = 1,
+                   removed: Collection[str] = ()) -> list[np.ndarray]:
     """Per group, the widths it may keep, ascending: every count from its minimum width up, or with
     `round_to` > 1 the multiples of it (from the minimum width rounded up) and the whole group.
     With a latency table attached (learned rounding): the counts where the table says the
     runtime gets faster (the plateau tops, GroupLatency.step_counts) from the minimum width up;
-    on a plateau fewer channels save nothing, so no width inside one is ever kept."""
+    on a plateau fewer channels save nothing, so no width inside one is ever kept.
+    A group named in `removed` (a residual branch chosen to go, compress.prune.depth) keeps 0."""
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise UserError(f"round_to must be an integer >= 1, got {round_to!r}")
     if cost.latency is not None:
@@ -75,13 +77,16 @@ def allowed_widths(cost: ResourceModel, min_keep: float, round_to: int = 1) -> l
             first = max(round_to, math.ceil(low / round_to) * round_to) if round_to > 1 else int(low)
             widths = set(range(first, int(size), round_to)) | {int(size)}
             out.append(np.array(sorted(widths), dtype=np.float64))
-    # a removable group (a residual branch's inner channels) may also go: width 0
-    return [np.concatenate([[0.0], w]) if gone else w for w, gone in zip(out, cost.removable)]
+    unknown = set(removed) - {n for n, ok in zip(cost.names, cost.removable) if ok}
+    if unknown:
+        raise UserError(f"cannot remove {sorted(unknown)[0]!r}: not a removable residual branch")
+    return [np.zeros(1) if n in removed else w for n, w in zip(cost.names, out)]
 
 
-def max_reduction(cost: ResourceModel, metric: str, min_keep: float, round_to: int = 1) -> float:
+def max_reduction(cost: ResourceModel, metric: str, min_keep: float, round_to: int = 1,
+                  removed: Collection[str] = ()) -> float:
     """The largest reduction reachable with every group at its smallest allowed width."""
-    lowest = np.array([w[0] for w in allowed_widths(cost, min_keep, round_to)])
+    lowest = np.array([w[0] for w in allowed_widths(cost, min_keep, round_to, removed)])
     return 1.0 - cost.resource(metric, lowest) / cost.dense(metric)
 
 
@@ -92,8 +97,9 @@ def achieved(cost: ResourceModel, metric: str, masks: Mapping[str, torch.Tensor]
 def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str, reduction: float,
            min_keep: float, budgets: Mapping[str, int] | None = None,
            cost_power: float = 0.0, round_to: int = 1,
-           also: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
-    """Boolean keep-masks per group meeting `reduction` of `metric` (see the module docstring).
+           also: Mapping[str, float] | None = None, removed: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks per group meeting `reduction` of `metric` (see the module docstring);
+    the groups in `removed` (residual branches, compress.prune.depth) lose every channel.
     Channels are ranked by score / resource**cost_power: 1 = score per unit of FLOPs/params saved
     (thins the layers where a channel is expensive), 0 = score alone (the predecessor's global
     ranking; the budget only decides how far down the ranking to cut). 0 is the default: 1 cut
@@ -103,7 +109,7 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
         if m in targets:
             raise UserError(f"the target names {m} twice")
         targets[m] = check_target(m, r)
-    widths = allowed_widths(cost, min_keep, round_to)
+    widths = allowed_widths(cost, min_keep, round_to, removed)
     lowest = np.array([w[0] for w in widths])
     for m, r in targets.items():
         reachable = 1.0 - cost.resource(m, lowest) / cost.dense(m)
@@ -177,7 +183,8 @@ class _Greedy:
         self.limits, self.power = dict(limits), cost_power
         self.sizes = cost.sizes.astype(np.float64)
         self.lowest = np.array([w[0] for w in widths])
-        self.contiguous = all(len(w) == w[-1] - w[0] + 1 for w in widths)   # every count allowed: steps of 1
+        # every count allowed, up to the whole group: steps of 1
+        self.contiguous = all(len(w) == w[-1] - w[0] + 1 and w[-1] == s for w, s in zip(widths, self.sizes))
 
     def _neighbours(self, k: np.ndarray, down: bool) -> np.ndarray:
         if self.contiguous:

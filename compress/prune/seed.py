@@ -71,6 +71,7 @@ Every rank must pick identical masks under DDP: all-reduce Theta before `step` (
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict
 from typing import Mapping, Sequence
@@ -97,6 +98,11 @@ class SeedPruner:
         self.mask_changes = 0     # updates that changed at least one channel
         self.last_change = 0      # step of the last update that changed a channel
         self.flips: list[int] = []  # channels switched on or off per period of `flip_period` steps (churn)
+        # Residual branches removed whole (compress.prune.depth): chosen once, at the first selection,
+        # by `choose_removed(select_at_target)` when the caller sets it (Pruner, remove_branches=True).
+        self.removed: frozenset = frozenset()
+        self.depth_record: dict | None = None
+        self.choose_removed = None
 
     # ------------------------------------------------------------------ per step
 
@@ -147,6 +153,8 @@ class SeedPruner:
         if self.masks is not None and cfg.freeze_at is not None and self.steps > cfg.freeze_at:
             return None
         if self.masks is None:
+            if self.choose_removed is not None:
+                self.removed, self.depth_record = self.choose_removed(self.select_at_target)
             return self._apply(self._select(first=True))
         since = self.steps - cfg.warmup_steps - 1
         if cfg.redistribute_every and since > 0 and since % cfg.redistribute_every == 0:
@@ -159,22 +167,31 @@ class SeedPruner:
     def ramping(self) -> bool:
         return self.steps <= self.config.warmup_steps + self.config.ramp_steps
 
-    def _select(self, first: bool = False) -> dict[str, torch.Tensor]:
+    def _select(self, first: bool = False, reduction: float | None = None,
+                removed: frozenset | None = None) -> dict[str, torch.Tensor]:
+        """Masks for the reduction asked now (or `reduction`), with the removed branches at 0."""
         cfg = self.config
-        share = self.target_now() / cfg.reduction   # the ramp moves every metric of a joint target alike
+        reduction = self.target_now() if reduction is None else reduction
+        removed = self.removed if removed is None else removed
+        share = reduction / cfg.reduction   # the ramp moves every metric of a joint target alike
         also = {m: max(r * share, 1e-6) for m, r in (cfg.also or {}).items()}
         budgets = None if first else self.budgets
         if cfg.budget_init == "uniform" and (first or self.ramping()):
             # a^l_0: every layer keeps the same share of its channels (the paper's p per layer), for the
             # reduction asked now; redistribution moves the budgets from there once the target is reached.
             budgets = budget.counts(budget.select(budget.positional_scores(self.cost), self.cost, cfg.metric,
-                                                  self.target_now(), cfg.min_keep, round_to=cfg.round_to,
-                                                  also=also))
+                                                  reduction, cfg.min_keep, round_to=cfg.round_to,
+                                                  also=also, removed=removed))
         scores = self.utility
         if cfg.hysteresis and self.masks is not None:   # a switched-off channel must beat a kept one clearly
             scores = {n: u * torch.where(self.masks[n], 1.0 + cfg.hysteresis, 1.0) for n, u in self.utility.items()}
-        return budget.select(scores, self.cost, cfg.metric, self.target_now(), cfg.min_keep,
-                             budgets=budgets, cost_power=cfg.cost_power, round_to=cfg.round_to, also=also)
+        return budget.select(scores, self.cost, cfg.metric, reduction, cfg.min_keep, budgets=budgets,
+                             cost_power=cfg.cost_power, round_to=cfg.round_to, also=also, removed=removed)
+
+    def select_at_target(self, removed: frozenset) -> dict[str, torch.Tensor]:
+        """What the first selection would keep at the whole target with `removed` gone (the depth
+        choice compares these)."""
+        return self._select(first=True, reduction=self.config.reduction, removed=removed)
 
     def _apply(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         flipped = sum(int((masks[n] != self.masks[n]).sum()) for n in masks) if self.masks is not None else 0
@@ -221,7 +238,7 @@ class SeedPruner:
     def _savings(self, k: np.ndarray) -> np.ndarray:
         """Per group, the resource one channel saves at budgets k, at the step the selection can
         take (one channel; a --round-to multiple; a latency plateau)."""
-        widths = budget.allowed_widths(self.cost, self.config.min_keep, self.config.round_to)
+        widths = budget.allowed_widths(self.cost, self.config.min_keep, self.config.round_to, self.removed)
         return budget.step_savings(self.cost, self.config.metric, k, widths)
 
     def redistribute(self) -> None:
@@ -233,7 +250,8 @@ class SeedPruner:
         saving = self._savings(k)
         lowest = budget.min_counts(cost, self.config.min_keep)
         xi = self.layer_significance()
-        ranked = np.argsort(xi, kind="stable")
+        gone = [self.cost.index[n] for n in self.removed]   # removed branches neither give nor take
+        ranked = np.array([g for g in np.argsort(xi, kind="stable") if g not in gone], dtype=np.int64)
         half = len(ranked) // 2
         donors, receivers = ranked[:half], ranked[half:]
         freed = 0.0
@@ -256,8 +274,11 @@ class SeedPruner:
 
     def summary(self) -> dict:
         """What report.json records of the run's pruning: the config in steps and how masks moved."""
-        return {"config": asdict(self.config), "mask_changes": self.mask_changes, "last_change_step": self.last_change,
-                "channel_flips": {"period_steps": self.flip_period, "counts": list(self.flips)}}
+        out = {"config": asdict(self.config), "mask_changes": self.mask_changes, "last_change_step": self.last_change,
+               "channel_flips": {"period_steps": self.flip_period, "counts": list(self.flips)}}
+        if self.depth_record is not None:
+            out["depth"] = self.depth_record
+        return out
 
     def state_dict(self) -> dict:
         return {
@@ -270,6 +291,8 @@ class SeedPruner:
             "observed": {n: s.clone() for n, s in self.observed.items()},
             "masks": None if self.masks is None else {n: m.clone() for n, m in self.masks.items()},
             "budgets": None if self.budgets is None else dict(self.budgets),
+            "removed": sorted(self.removed),
+            "depth_record": json.dumps(self.depth_record),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -283,3 +306,5 @@ class SeedPruner:
         self.observed = {n: s.clone().bool() for n, s in state["observed"].items()}
         self.masks = None if state["masks"] is None else {n: m.clone().bool() for n, m in state["masks"].items()}
         self.budgets = None if state["budgets"] is None else {n: int(v) for n, v in state["budgets"].items()}
+        self.removed = frozenset(state.get("removed", ()))
+        self.depth_record = json.loads(state.get("depth_record", "null"))

@@ -1,0 +1,126 @@
+"""Which residual branches go: chosen by how little the network's output moves, at the same budget.
+
+    chooser = DepthChooser(model, groups, cost, calibration_batch)
+    removed, record = chooser.choose(select_for)    # select_for(removed) -> masks at the target
+
+With `remove_branches` a residual branch's inner group may go to width 0: the block becomes its
+shortcut plus a constant (surgery.BranchBias), so both of its convs leave the network — on thin
+residual nets the only cut that turns FLOPs into latency 1:1 (BENCHMARKS.md, "Depth vs width").
+Channel scores cannot decide it: every criterion ranks channels within their layer, so a branch's
+last channels always rank high and the greedy never takes a group to 0. The depth is chosen by
+measurement instead, once, on a fixed batch of training inputs:
+
+1. Rank: each removable branch alone is switched off (every other channel on) and the output
+   distortion D = KL(network now || without it), mean over the batch, is divided by the resource
+   its removal saves: cheap-to-lose, expensive-to-run branches first.
+2. Candidates: for j = 0, 1, ... the first j branches removed and the rest selected to the target
+   as usual (`select_for`, the method's own selection with those groups at 0); D of each whole
+   selection is measured. j stops growing where the removed branches alone would pass the target.
+3. The j with the least D wins. j = 0 is the channel-only selection, so depth is taken only
+   where it moves the output less than thinning does at the same budget.
+
+Every switched-off channel is exactly 0 here (eval mode, running BN statistics), which is what
+the cut network computes. The batch is fixed and the arithmetic deterministic, so every DDP rank
+given the same batch and scores chooses the same branches.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from compress.errors import UserError
+from compress.prune.cost import ResourceModel
+from compress.prune.graph import ChannelGroup
+from compress.prune.masks import ChannelMasker
+
+Masks = Mapping[str, torch.Tensor]
+
+
+class DepthChooser:
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], cost: ResourceModel, batch: torch.Tensor,
+                 metric: str):
+        self.groups, self.cost, self.metric = groups, cost, metric
+        self.removable = [g.name for g in groups if g.removable]
+        if not self.removable:
+            raise UserError("remove_branches: this network has no residual branch that can be removed "
+                            "(no group whose channels can all go while the network still depends on its input)")
+        if not torch.is_tensor(batch) or batch.dim() < 2 or batch.shape[0] < 1:
+            raise UserError("remove_branches needs a calibration batch of training inputs (calibration=, a tensor)")
+        self.model, self.batch = model, batch.detach()
+
+    def choose(self, select_for: Callable[[frozenset], Masks]) -> tuple[frozenset, dict]:
+        """The branches to remove, and a record of the measurement (for report.json)."""
+        with _Probe(self.model, self.groups, self.batch) as probe:
+            full = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
+            dense = self.cost.resource(self.metric, full)
+            alone = {}
+            for name in self.removable:
+                off = dict(full, **{name: torch.zeros_like(full[name])})
+                saved = dense - self.cost.resource(self.metric, off)
+                alone[name] = probe.distortion(off) / max(saved, 1e-12 * max(dense, 1e-12))
+            ranked = sorted(self.removable, key=lambda n: (alone[n], n))
+            limit = select_for(frozenset())   # the channel-only selection: also the budget removal must fit
+            budget = self.cost.resource(self.metric, limit)
+            candidates = []
+            for j in range(len(ranked) + 1):
+                removed = frozenset(ranked[:j])
+                if j:
+                    only = dict(full, **{n: torch.zeros_like(full[n]) for n in removed})
+                    if self.cost.resource(self.metric, only) < budget:
+                        break   # these branches alone would pass the target
+                try:
+                    masks = limit if not j else select_for(removed)
+                except UserError:
+                    continue   # e.g. a joint target these widths cannot meet
+                candidates.append((probe.distortion(masks), j, removed))
+        best = min(candidates, key=lambda c: (c[0], c[1]))
+        record = {"removed": sorted(best[2]), "ranked": ranked,
+                  "distortion_by_removed": [[j, round(d, 6)] for d, j, _ in candidates],
+                  "calibration_images": int(self.batch.shape[0])}
+        return best[2], record
+
+
+class _Probe:
+    """The network's logits on the batch with hard masks, on a copy (the model's own hooks and
+    masks untouched), in eval mode."""
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], batch: torch.Tensor):
+        from compress.prune.surgery import _without_masks
+
+        self.net = _without_masks(copy.deepcopy(model)).float().eval()
+        device = next(self.net.parameters()).device
+        self.batch = batch.to(device=device, dtype=torch.float32)
+        self.masker = ChannelMasker(self.net, groups)
+        self.reference = self._log_probs(None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.masker.remove()
+
+    @torch.no_grad()
+    def _log_probs(self, masks) -> torch.Tensor:
+        self.masker.set(masks)
+        out = self.net(self.batch)
+        out = out if torch.is_tensor(out) else next(t for t in _flatten(out) if torch.is_tensor(t))
+        return torch.log_softmax(out.float().flatten(1), dim=1)
+
+    def distortion(self, masks: Masks) -> float:
+        """KL(reference || masked), mean over the batch."""
+        log_q = self._log_probs(masks)
+        p = self.reference.exp()
+        return float((p * (self.reference - log_q)).sum(1).mean())
+
+
+def _flatten(out):
+    if isinstance(out, dict):
+        out = list(out.values())
+    for item in out:
+        if isinstance(item, (list, tuple, dict)):
+            yield from _flatten(item)
+        else:
+            yield item
