@@ -45,7 +45,7 @@ DENSE_CHECKPOINT = "dense.pt"   # --keep-dense: the checkpoint before the last d
 DENSE_PHASE_MAY_DIFFER = RESUME_MAY_CHANGE | set(SEED_ONLY) | {
     "out", "name", "method", "target", "latency_table", "latency_format", "latency_threads", "widths_from",
     "min_keep", "cost_power", "round_to", "taylor_batches", "ignore", "calib", "bf16_reason", "time_budget_note",
-    "dense_from", "keep_dense"}
+    "dense_from", "keep_dense", "remove_branches"}
 
 
 @dataclass

@@ -180,6 +180,10 @@ BAD_INPUTS = {
                                "no dense phase to share"),
     "dense-from missing": (["--method", "l1", "--target", "flops=0.5", "--dense-from", "/nonexistent/dense.pt"],
                            "file not found"),
+    "remove-branches on a plain net": (["--model", "vgg11", "--target", "flops=0.5", "--remove-branches"],
+                                       "no residual branch"),
+    "remove-branches for uniform": (["--model", "resnet20", "--method", "uniform", "--target", "flops=0.5",
+                                     "--remove-branches"], "--remove-branches"),
 }
 
 

@@ -123,8 +123,8 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
                             f"(lower the target or the minimum width)")
     limits = {m: cost.dense(m) * (1.0 - r) for m, r in targets.items()}
     order, ranked = _rank(scores, cost)
-    if budgets is None:
-        k = cost.sizes.astype(np.float64)
+    if budgets is None:   # every group whole, the removed ones at 0
+        k = np.array([w[-1] for w in widths])
     else:   # each group's nearest allowed width to its budget
         k = np.array([w[np.argmin(np.abs(w - budgets.get(n, w[-1])))] for n, w in zip(cost.names, widths)])
     greedy = _Greedy(ranked, widths, cost, limits, cost_power)

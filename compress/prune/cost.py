@@ -133,8 +133,35 @@ class ResourceModel:
         self.const = {"flops": 0.0, "params": float(total_params - changing_params)}
         full = self.sizes.astype(np.float64)
         self.dense_flops = self.flops(full)
-        self.dense_params = self.params(full)
         self.latency = None   # GroupLatency, once attach_latency gave a table
+        self._branch_params = self._removed_branch_params(model, example_input)
+        self.dense_params = self.params(full)
+
+    def _removed_branch_params(self, model: nn.Module, example_input: torch.Tensor) -> list[tuple[int, int, float]]:
+        """A removable group at 0 (surgery.BranchBias): its reader conv and the BN after it become one
+        value per output channel. Per such reader: (group, layer row, params per output channel the
+        bilinear terms count there minus the 1 the cut network keeps)."""
+        removable = np.flatnonzero(self.removable)
+        if not len(removable):
+            return []
+        from compress.prune.surgery import _bn_after
+
+        row = {name: i for i, name in enumerate(self.layer_names)}
+        readers = {self.layer_names[li]: int(g) for g in removable for li in np.flatnonzero(self.a_in[:, g])}
+        after = _bn_after(model, list(readers), example_input)
+        out = []
+        for name, g in readers.items():
+            li = row[name]
+            counted = self.b["params"][li] + (self.b["params"][row[after[name]]] if name in after else 0.0)
+            out.append((g, li, counted - 1.0))
+        return out
+
+    def _branch_correction(self, k: np.ndarray) -> float:
+        """Params the bilinear model counts for removed branches beyond what the cut network holds."""
+        if not self._branch_params:
+            return 0.0
+        width_out = self.c_out + self.a_out @ k
+        return sum(extra * width_out[li] for g, li, extra in self._branch_params if k[g] == 0)
 
     def attach_latency(self, entry) -> None:
         """Price the "latency" metric with `entry` (a LatencyEntry of a table for this network);
@@ -184,6 +211,8 @@ class ResourceModel:
         width_in = self.c_in + self.a_in @ k
         width_out = self.c_out + self.a_out @ k
         total = self.const[metric] + np.sum(self.ab[metric] * width_out * width_in + self.b[metric] * width_out)
+        if metric == "params":
+            total -= self._branch_correction(k)
         return int(round(total))
 
     def flops(self, keep) -> int:
@@ -208,7 +237,14 @@ class ResourceModel:
         d_in, d_out = self.a_in * step[None, :], self.a_out * step[None, :]
         ab, b = self.ab[metric][:, None], self.b[metric][:, None]
         per_layer = ab * (d_in * width_out[:, None] + width_in[:, None] * d_out + d_in * d_out) + b * d_out
-        return per_layer.sum(axis=0)
+        change = per_layer.sum(axis=0)
+        if metric == "params" and self._branch_params:   # removed branches: one value per channel
+            before = self._branch_correction(k)
+            for g in np.flatnonzero(step):
+                moved = k.copy()
+                moved[g] += step[g]
+                change[g] -= self._branch_correction(moved) - before
+        return change
 
     def removal_savings(self, metric: str, k: np.ndarray) -> np.ndarray:
         """Exact resource saved by removing one more channel of each group, at widths `k`."""
