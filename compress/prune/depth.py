@@ -1,7 +1,7 @@
 """Which residual branches go: chosen by how little the network's output moves, at the same budget.
 
     chooser = DepthChooser(model, groups, cost, calibration_batch)
-    removed, record = chooser.choose(select_for)    # select_for(removed) -> masks at the target
+    removed, record = chooser.choose(select_for, limit)   # select_for(removed) -> masks at the target
 
 With `remove_branches` a residual branch's inner group may go to width 0: the block becomes its
 shortcut plus a constant (surgery.BranchBias), so both of its convs leave the network — on thin
@@ -15,9 +15,12 @@ measurement instead, once, on a fixed batch of training inputs:
    its removal saves: cheap-to-lose, expensive-to-run branches first.
 2. Candidates: for j = 0, 1, ... the first j branches removed and the rest selected to the target
    as usual (`select_for`, the method's own selection with those groups at 0); D of each whole
-   selection is measured. j stops growing where the removed branches alone would pass the target.
+   selection is measured. j stops growing where the removed branches alone would pass the target
+   (that j is a candidate only when no smaller one reaches it); a j whose selection cannot reach the
+   target (channels alone above a latency floor) is skipped.
 3. The j with the least D wins. j = 0 is the channel-only selection, so depth is taken only
-   where it moves the output less than thinning does at the same budget.
+   where it moves the output less than thinning does at the same budget (or where thinning alone
+   cannot reach the budget at all).
 
 Every switched-off channel is exactly 0 here (eval mode, running BN statistics), which is what
 the cut network computes. The batch is fixed and the arithmetic deterministic, so every DDP rank
@@ -51,8 +54,9 @@ class DepthChooser:
             raise UserError("remove_branches needs a calibration batch of training inputs (calibration=, a tensor)")
         self.model, self.batch = model, batch.detach()
 
-    def choose(self, select_for: Callable[[frozenset], Masks]) -> tuple[frozenset, dict]:
-        """The branches to remove, and a record of the measurement (for report.json)."""
+    def choose(self, select_for: Callable[[frozenset], Masks], limit: float) -> tuple[frozenset, dict]:
+        """The branches to remove, and a record of the measurement (for report.json). `limit`: the
+        target as a resource value of `metric` (the most a selection may keep)."""
         with _Probe(self.model, self.groups, self.batch) as probe:
             full = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
             dense = self.cost.resource(self.metric, full)
@@ -62,20 +66,21 @@ class DepthChooser:
                 saved = dense - self.cost.resource(self.metric, off)
                 alone[name] = probe.distortion(off) / max(saved, 1e-12 * max(dense, 1e-12))
             ranked = sorted(self.removable, key=lambda n: (alone[n], n))
-            limit = select_for(frozenset())   # the channel-only selection: also the budget removal must fit
-            budget = self.cost.resource(self.metric, limit)
             candidates = []
             for j in range(len(ranked) + 1):
                 removed = frozenset(ranked[:j])
-                if j:
-                    only = dict(full, **{n: torch.zeros_like(full[n]) for n in removed})
-                    if self.cost.resource(self.metric, only) < budget:
-                        break   # these branches alone would pass the target
+                only = dict(full, **{n: torch.zeros_like(full[n]) for n in removed})
+                if j and self.cost.resource(self.metric, only) < limit and candidates:
+                    break   # these branches alone pass the target: more would only cut deeper
                 try:
-                    masks = limit if not j else select_for(removed)
+                    masks = select_for(removed)
                 except UserError:
-                    continue   # e.g. a joint target these widths cannot meet
+                    continue   # channels alone cannot reach it (a latency floor), or a joint target missed
                 candidates.append((probe.distortion(masks), j, removed))
+                if self.cost.resource(self.metric, only) < limit:
+                    break   # the first j that reaches the target only by cutting past it
+        if not candidates:
+            raise UserError("remove_branches: no number of removed branches reaches the target")
         best = min(candidates, key=lambda c: (c[0], c[1]))
         record = {"removed": sorted(best[2]), "ranked": ranked,
                   "distortion_by_removed": [[j, round(d, 6)] for d, j, _ in candidates],
