@@ -28,9 +28,14 @@ class LayerWidth:
     after: int
 
 
-def layer_widths(dense_counts, slim_counts) -> list[LayerWidth]:
-    """Output channels of every conv before and after pruning, matched by module name."""
+def layer_widths(dense_counts, slim_counts, arch: dict | None = None) -> list[LayerWidth]:
+    """Output channels of every conv before and after pruning, matched by module name. A removed
+    residual branch (arch.json's Removed / BranchBias, compress.prune.surgery) counts as what it
+    computes: its first conv 0 channels, the conv that read it as many as its constant has."""
     after = {layer.name: layer.out_channels for layer in slim_counts.layers if layer.type.startswith("Conv")}
+    for name, shape in ((arch or {}).get("modules") or {}).items():
+        if shape.get("type") in ("Removed", "BranchBias"):
+            after[name] = int(shape["out"])
     return [LayerWidth(layer.name, int(layer.out_channels), int(after[layer.name]))
             for layer in dense_counts.layers
             if layer.type.startswith("Conv") and layer.name in after and layer.out_channels is not None]
@@ -110,7 +115,7 @@ def write_run_folder(work: Path, slim: nn.Module, *, name: str, method: str, dat
     channels = int(data.x_train.shape[3])
     input_shape = (1, channels, *hw)
     slim_counts = count(slim, input_shape)
-    layers = layer_widths(dense_counts, slim_counts)
+    layers = layer_widths(dense_counts, slim_counts, arch)
     achieved = {"flops_reduction": 1 - slim_counts.flops / dense_counts.flops,
                 "params_reduction": 1 - slim_counts.params / dense_counts.params}
     latency = latency_report(target, arch)

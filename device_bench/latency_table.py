@@ -619,7 +619,7 @@ class LatencyTable:
             if g not in self.group_index:
                 raise TableMismatch(f"latency table ({self.model_text}) has no group {g!r}")
             v = int(v)
-            if not 1 <= v <= self.sizes[self.group_index[g]]:
+            if not 0 <= v <= self.sizes[self.group_index[g]]:   # 0: a residual branch removed whole
                 raise ValueError(f"group {g!r} keeps {v} channels; it has {int(self.sizes[self.group_index[g]])}")
             k[self.group_index[g]] = v
         return k
@@ -633,7 +633,8 @@ class LatencyTable:
     def keep_from_widths(self, widths: Mapping[str, Any]) -> np.ndarray:
         """Kept counts from per-layer widths, checked: every layer named must have the widths the
         derived counts give it. `widths`: {name: (in, out)}, arch.json's {name: {"in", "out"}},
-        or {name: out} (a bundle's source.layers: every conv's output channels)."""
+        or {name: out} (a bundle's source.layers: every conv's output channels). A group at 0 is a
+        residual branch removed whole (compress --remove-branches)."""
         def pair(v) -> Tuple[Optional[int], int]:
             if isinstance(v, Mapping):
                 return int(v["in"]), int(v["out"])
@@ -653,11 +654,13 @@ class LatencyTable:
             if la.name not in given or la.op not in GEMM_OPS:
                 continue
             want_in, want_out = given[la.name]
+            if want_out == 0 and w_out[li] == 0:
+                continue   # a removed branch's first conv (arch.json records it 0 -> 0): gone, 0 ms
             if w_out[li] != want_out or (want_in is not None and w_in[li] != want_in):
                 raise TableMismatch(f"layer {la.name} is {want_in if want_in is not None else '?'}->{want_out} "
                                     f"channels, but the table's model ({self.model_text}) couples it to "
                                     f"{w_in[li]}->{w_out[li]}: not a pruned {self.model.get('spec')}")
-        if np.any(k < 1) or np.any(k > self.sizes):
+        if np.any(k < 0) or np.any(k > self.sizes):   # 0: a residual branch removed whole
             raise TableMismatch(f"the widths do not fit the table's model ({self.model_text})")
         return k
 

@@ -261,3 +261,35 @@ def test_resume_refuses_a_changed_latency_table():
     assert len(str(e.value).splitlines()) == 1
     with pytest.raises(UserError, match="not the table"):
         check_resumed_table({"latency_table_sha256": "a" * 64}, {"metric": "flops"})
+
+
+def test_removed_branch_priced_alike_by_compress_and_device_bench(table_path):
+    """A branch removed whole (--remove-branches) costs 0 ms in the pruner's pricing, and the table
+    predicts the cut network from its arch.json and from report.json's layer widths (what a
+    bundle's manifest carries) at the same ms: before, the removed convs read as dense."""
+    import compress
+    from compress.flops import count
+    from compress.prune.surgery import arch_of
+    from compress.report import layer_widths
+
+    model = tiny_resnet(10, 1.0)
+    _dead = dict(model.named_modules())["bn2"]
+    _dead.weight.data.zero_()   # the branch contributes nothing: the chooser removes it
+    _dead.bias.data.zero_()
+    calibration = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    table = lt.load_table(table_path)
+    dense_ms = table.entry("tflite", 1).predict_keep(None)
+    without = table.entry("tflite", 1).predict_keep({"conv1": 0})   # the budget: the branch gone, all else whole
+    pruner = compress.Pruner(model.eval(), EXAMPLE, f"latency={without + 1e-5:.6f}ms", "l1",
+                             latency_table=str(table_path), remove_branches=True, calibration=calibration)
+    masks = pruner.masks
+    assert pruner.depth_record["removed"] == ["conv1"]
+    predicted = pruner.predicted_ms(masks)
+    slim = pruner.extract()
+    arch = arch_of(slim, MODEL, 10, 1.0)
+    entry = table.entry("tflite", 1)
+    assert entry.predict(arch["modules"]) == pytest.approx(predicted, rel=1e-9)
+    widths = layer_widths(count(model, (1, 3, 16, 16)), count(slim, (1, 3, 16, 16)), arch)
+    assert {w.name: w.after for w in widths}["conv1"] == 0
+    keep = table.keep_from_widths({w.name: w.after for w in widths})
+    assert entry.predict_keep(keep) == pytest.approx(predicted, rel=1e-9) and predicted < dense_ms

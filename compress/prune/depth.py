@@ -15,8 +15,8 @@ measurement instead, once, on a fixed batch of training inputs:
    its removal saves: cheap-to-lose, expensive-to-run branches first.
 2. Candidates: for j = 0, 1, ... the first j branches removed and the rest selected to the target
    as usual (`select_for`, the method's own selection with those groups at 0); D of each whole
-   selection is measured. j stops growing where the removed branches alone would pass the target
-   (that j is a candidate only when no smaller one reaches it); a j whose selection cannot reach the
+   selection is measured. j stops growing at the first j whose branches alone meet the target
+   (every other channel kept; more would only cut deeper); a j whose selection cannot reach the
    target (channels alone above a latency floor) is skipped.
 3. The j with the least D wins. j = 0 is the channel-only selection, so depth is taken only
    where it moves the output less than thinning does at the same budget (or where thinning alone
@@ -70,15 +70,13 @@ class DepthChooser:
             for j in range(len(ranked) + 1):
                 removed = frozenset(ranked[:j])
                 only = dict(full, **{n: torch.zeros_like(full[n]) for n in removed})
-                if j and self.cost.resource(self.metric, only) < limit and candidates:
-                    break   # these branches alone pass the target: more would only cut deeper
                 try:
                     masks = select_for(removed)
                 except UserError:
                     continue   # channels alone cannot reach it (a latency floor), or a joint target missed
                 candidates.append((probe.distortion(masks), j, removed))
-                if self.cost.resource(self.metric, only) < limit:
-                    break   # the first j that reaches the target only by cutting past it
+                if self.cost.resource(self.metric, only) <= limit:
+                    break   # these branches alone meet the target: more would only cut deeper
         if not candidates:
             raise UserError("remove_branches: no number of removed branches reaches the target")
         best = min(candidates, key=lambda c: (c[0], c[1]))
