@@ -500,6 +500,8 @@ def test_latency_target_smoke(tmp_path, small_cifar_dir):
     (["--rounds", "0"], "must be at least 1"),
     (["--width", "0"], "expected a multiplier"),
     (["--data-dir", "/nonexistent"], "has no cifar10.npz"),
+    (["--kinds", "flops,speed"], "choose from flops, latency, depth"),
+    (["--kinds", "depth,depth"], "each once"),
 ])
 def test_latency_target_bad_input_is_one_line_exit_2(args, message, small_cifar_dir):
     base = [] if "--data-dir" in args else ["--data-dir", str(small_cifar_dir)]
