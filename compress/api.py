@@ -153,8 +153,8 @@ class Pruner:
                                         **split, **seed_options)
             self.seed_pruner = SeedPruner(self.groups, self.cost, config)
             if self.depth is not None:
-                limit = self.cost.dense(self.target["metric"]) * (1.0 - self.target["reduction"])
-                self.seed_pruner.choose_removed = lambda select_for: self.depth.choose(select_for, limit)
+                reduction = self.target["reduction"]
+                self.seed_pruner.choose_removed = lambda select_for: self.depth.choose(select_for, reduction)
             self.steps_per_epoch = steps_per_epoch
         if method in ("seed", "taylor"):
             self._attach()
@@ -262,8 +262,7 @@ class Pruner:
                           round_to=self.round_to, also=t.get("also"), removed=removed)
 
         if self.depth is not None and self.removed is None:   # once: the branches to remove
-            limit = self.cost.dense(t["metric"]) * (1.0 - t["reduction"])
-            self.removed, self.depth_record = self.depth.choose(select_for, limit)
+            self.removed, self.depth_record = self.depth.choose(select_for, t["reduction"])
         return select_for(self.removed or frozenset())
 
     def extract(self, check_input: Optional[torch.Tensor] = None) -> nn.Module:

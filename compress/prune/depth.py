@@ -1,7 +1,7 @@
 """Which residual branches go: chosen by how little the network's output moves, at the same budget.
 
     chooser = DepthChooser(model, groups, cost, calibration_batch)
-    removed, record = chooser.choose(select_for, limit)   # select_for(removed) -> masks at the target
+    removed, record = chooser.choose(select_for, 0.5)   # select_for(removed) -> masks at the reduction
 
 With `remove_branches` a residual branch's inner group may go to width 0: the block becomes its
 shortcut plus a constant (surgery.BranchBias), so both of its convs leave the network — on thin
@@ -38,6 +38,7 @@ from compress.errors import UserError
 from compress.prune.cost import ResourceModel
 from compress.prune.graph import ChannelGroup
 from compress.prune.masks import ChannelMasker
+from compress.prune.surgery import _tensors, _without_masks
 
 Masks = Mapping[str, torch.Tensor]
 
@@ -54,9 +55,10 @@ class DepthChooser:
             raise UserError("remove_branches needs a calibration batch of training inputs (calibration=, a tensor)")
         self.model, self.batch = model, batch.detach()
 
-    def choose(self, select_for: Callable[[frozenset], Masks], limit: float) -> tuple[frozenset, dict]:
-        """The branches to remove, and a record of the measurement (for report.json). `limit`: the
-        target as a resource value of `metric` (the most a selection may keep)."""
+    def choose(self, select_for: Callable[[frozenset], Masks], reduction: float) -> tuple[frozenset, dict]:
+        """The branches to remove, and a record of the measurement (for report.json). `reduction`:
+        the target's, of `metric` (what `select_for` selects to)."""
+        limit = self.cost.dense(self.metric) * (1.0 - reduction)   # the most a selection may keep
         with _Probe(self.model, self.groups, self.batch) as probe:
             full = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
             dense = self.cost.resource(self.metric, full)
@@ -91,8 +93,6 @@ class _Probe:
     masks untouched), in eval mode."""
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], batch: torch.Tensor):
-        from compress.prune.surgery import _without_masks
-
         self.net = _without_masks(copy.deepcopy(model)).float().eval()
         device = next(self.net.parameters()).device
         self.batch = batch.to(device=device, dtype=torch.float32)
@@ -108,9 +108,8 @@ class _Probe:
     @torch.no_grad()
     def _log_probs(self, masks) -> torch.Tensor:
         self.masker.set(masks)
-        out = self.net(self.batch)
-        out = out if torch.is_tensor(out) else next(t for t in _flatten(out) if torch.is_tensor(t))
-        return torch.log_softmax(out.float().flatten(1), dim=1)
+        out = _tensors(self.net(self.batch))[0]   # the first output: the logits
+        return torch.log_softmax(out.flatten(1), dim=1)
 
     def distortion(self, masks: Masks) -> float:
         """KL(reference || masked), mean over the batch."""
@@ -118,12 +117,3 @@ class _Probe:
         p = self.reference.exp()
         return float((p * (self.reference - log_q)).sum(1).mean())
 
-
-def _flatten(out):
-    if isinstance(out, dict):
-        out = list(out.values())
-    for item in out:
-        if isinstance(item, (list, tuple, dict)):
-            yield from _flatten(item)
-        else:
-            yield item

@@ -139,11 +139,6 @@ def _width(layer: nn.Module, kind: str) -> int:
     return layer.num_features
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def _bn_after(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, str]:
     """{layer: the BN called directly on its output} for the layers `names` (one traced forward)."""
     outputs, found, handles = {}, {}, []
@@ -190,13 +185,13 @@ def _remove_branches(slim: nn.Module, whole: list[tuple[str, str]], x: torch.Ten
             bn = slim.get_submodule(bn_name)
             with torch.no_grad(), _in_eval(bn):
                 value = bn(value.view(1, -1, *([1] * bias.spatial)).to(bn.weight.dtype if bn.affine else value.dtype))
-            _set_submodule(slim, bn_name, Folded())
+            slim.set_submodule(bn_name, Folded())
         with torch.no_grad():
             bias.value.copy_(value.flatten())
-        _set_submodule(slim, name, bias)
+        slim.set_submodule(name, bias)
     for name, kind in whole:
         if kind == "out":
-            _set_submodule(slim, name, Removed())
+            slim.set_submodule(name, Removed())
 
 
 def _without_masks(model: nn.Module) -> nn.Module:
@@ -557,7 +552,7 @@ def rebuild(arch: dict) -> nn.Module:
         want = shape.get("type")
         if want in REPLACEMENTS:   # a removed branch's layers (see BranchBias)
             new = REPLACEMENTS[want]
-            _set_submodule(model, name, new(int(shape["out"]), int(shape.get("spatial", 2))) if want == "BranchBias" else new())
+            model.set_submodule(name, new(int(shape["out"]), int(shape.get("spatial", 2))) if want == "BranchBias" else new())
             continue
         if type(layer).__name__ != want and not (want == "Conv2d" and isinstance(layer, nn.Conv2d)):
             raise UserError(f"arch.json says {name!r} is a {want}, but model {spec!r} has a {type(layer).__name__}")
