@@ -109,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "for --hosts (default reports/fleet)")
 
     f = sub.add_parser("profile", help="measure a latency table for a model on a board (or this machine)")
-    f.add_argument("model", metavar="MODEL_OR_RUN", help="zoo name (vgg16, resnet56, ...), package.module:factory, "
-                   "path/to/file.py:factory, or a run folder (runs/NAME: its dense model is profiled)")
+    f.add_argument("model", metavar="MODEL_OR_RUN", nargs="?", help="zoo name (vgg16, resnet56, ...), "
+                   "package.module:factory, path/to/file.py:factory, or a run folder (runs/NAME: its dense model is "
+                   "profiled); with --recalibrate: the table's model")
+    f.add_argument("--recalibrate", metavar="TABLE", help="time only TABLE's whole-network anchors again (a minute, "
+                   "not a whole profile) and rewrite its calibration: for a board whose speed moved since it was "
+                   "profiled. Writes TABLE in place (the previous anchors stay in it) or --out")
     f.add_argument("--num-classes", type=_positive(int, 1, "--num-classes"), default=10,
                    help="classes of a zoo/factory model (default 10; a run folder says its own)")
     f.add_argument("--width", type=_positive(float, 1e-6, "--width"), default=1.0,
@@ -274,6 +278,8 @@ def cmd_profile(args) -> int:
             raise BenchError(f"unknown format {f!r}; formats are {', '.join(KNOWN_FORMATS)}")
     if wanted == []:
         raise BenchError(f"--formats {args.formats!r} names no format")
+    if args.recalibrate is None and args.model is None:
+        raise BenchError("profile: name the model to profile (MODEL_OR_RUN) or a table to --recalibrate")
     threads = parse_threads(args.threads or _default_threads())
     board = Board()
     if args.host:
@@ -288,8 +294,10 @@ def cmd_profile(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and (out.is_dir() or out.suffix != ".json"):
         raise BenchError(f"--out {out}: a latency table is a .json file")
-    source = resolve_model(args.model, args.num_classes, args.width, args.input_size,
-                           [x.strip() for x in args.ignore.split(",") if x.strip()])
+    ignore = [x.strip() for x in args.ignore.split(",") if x.strip()]
+    if args.recalibrate is not None:
+        return _recalibrate(args, board, out, ignore)
+    source = resolve_model(args.model, args.num_classes, args.width, args.input_size, ignore)
     if args.host:  # what the board can run: its interpreters, from deploy's probe
         backends = board_call(target, opts, board_cfg, "probe", [])["backends"]
     else:
@@ -315,6 +323,28 @@ def cmd_profile(args) -> int:
     p = table["profile"]
     print(f"latency table: {out} ({len(table['entries'])} entries, {p['probes_converted']} probes converted, "
           f"{p['wall_seconds']:.0f} s)")
+    return 0
+
+
+def _recalibrate(args, board, out: Optional[Path], ignore: List[str]) -> int:
+    """profile --recalibrate TABLE: the model from the table (or MODEL_OR_RUN, checked against it);
+    formats and threads are the table's entries."""
+    from . import latency_table as lt
+    from .probes import default_cache
+    from .profile import ProfileConfig, recalibrate, resolve_model
+
+    path = Path(args.recalibrate)
+    try:
+        info = lt.load_table(path).model
+    except lt.TableError as e:
+        raise BenchError(str(e)) from None
+    size = (info.get("input") or [1, 3, args.input_size, args.input_size])[2]
+    source = resolve_model(args.model or str(info.get("spec")), int(info.get("num_classes") or args.num_classes),
+                           float(info.get("width") or args.width), int(size), ignore)
+    cfg = ProfileConfig(formats=[], threads=[], cache=Path(args.cache) if args.cache else default_cache(),
+                        rounds=args.rounds, burst_ms=args.burst_ms)
+    recalibrate(source, path, cfg, board, out or path, _log)
+    print(f"latency table: {out or path} (recalibrated)")
     return 0
 
 

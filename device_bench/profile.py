@@ -395,20 +395,7 @@ def profile(source: ModelSource, cfg: ProfileConfig, board: Board, out: Path,
         for i in range(UNEVEN):
             anchors[f"uneven-{i + 1}"] = {g: max(1, int(math.ceil(rng.uniform(*UNEVEN_RANGE) * s)))
                                           for g, s in sizes.items()}
-        identity = {"model": source.info, "net": net}
-        from compress.prune import find_groups
-
-        groups = find_groups(source.model, source.example, source.ignore)
-        bar = Bar(len(anchors) * len(cfg.formats), "converting the whole networks")
-        anchor_files: Dict[str, Dict[str, Path]] = {}
-        try:
-            for name, keep in anchors.items():
-                for fmt in cfg.formats:
-                    anchor_files.setdefault(name, {})[fmt] = P.network_file(
-                        source.model, source.example, groups, keep, fmt, cfg.cache, identity)
-                    bar.update(1, f"{name} {fmt}")
-        finally:
-            bar.close()
+        anchor_files = build_networks(source, net, anchors, cfg)
         entries2 = [{"id": k, "kind": "probe", "files": f} for k, f in built2.items()]
         entries2 += [{"id": f"network:{name}", "kind": "network", "files": f} for name, f in anchor_files.items()]
         entries2.append({"id": ids["null"], "kind": "probe", "files": built1[ids["null"]]})
@@ -437,9 +424,7 @@ def profile(source: ModelSource, cfg: ProfileConfig, board: Board, out: Path,
                      "noise": {"median_spread": round(float(np.median(spreads)), 4),
                                "p90_spread": round(float(np.percentile(spreads, 90)), 4)},
                      "seconds": round(r1["seconds"] + r2["seconds"], 1)}
-            anchor_ms = {name: {"keep": anchors[name], "measured_ms": r2["probes"][f"network:{name}"]["ms"],
-                                "spread": round(r2["probes"][f"network:{name}"]["spread"], 4)} for name in anchors}
-            entries.append((entry, anchor_ms))
+            entries.append((entry, anchor_timings(r2, anchors)))
     table = {
         "schema": lt.SCHEMA, "kind": lt.KIND, "created": started,
         "model": source.info,
@@ -461,6 +446,97 @@ def profile(source: ModelSource, cfg: ProfileConfig, board: Board, out: Path,
     write_json_atomic(out, table)
     lt.load_table(out)  # what we wrote reads back
     return table
+
+
+def build_networks(source: ModelSource, net: Dict[str, Any], anchors: Dict[str, Dict[str, int]],
+                   cfg: ProfileConfig) -> Dict[str, Dict[str, Path]]:
+    """The whole-network anchors as files, {name: {format: path}} (cached like the probes)."""
+    from compress.prune import find_groups
+
+    from . import probes as P
+
+    identity = {"model": source.info, "net": net}
+    groups = find_groups(source.model, source.example, source.ignore)
+    bar = Bar(len(anchors) * len(cfg.formats), "converting the whole networks")
+    files: Dict[str, Dict[str, Path]] = {}
+    try:
+        for name, keep in anchors.items():
+            for fmt in cfg.formats:
+                files.setdefault(name, {})[fmt] = P.network_file(
+                    source.model, source.example, groups, keep, fmt, cfg.cache, identity)
+                bar.update(1, f"{name} {fmt}")
+    finally:
+        bar.close()
+    return files
+
+
+def anchor_timings(result: Dict[str, Any], anchors: Dict[str, Dict[str, int]]) -> Dict[str, Dict[str, Any]]:
+    return {name: {"keep": anchors[name], "measured_ms": result["probes"][f"network:{name}"]["ms"],
+                   "spread": round(result["probes"][f"network:{name}"]["spread"], 4)} for name in anchors}
+
+
+# --------------------------------------------------------------------------- re-timing the anchors
+
+
+def recalibrate(source: ModelSource, table_path: Path, cfg: ProfileConfig, board: Board, out: Path,
+                log: Callable[[str], None]) -> Dict[str, Any]:
+    """Time the table's whole-network anchors again and derive its calibration curves from the new
+    times; the layer grid stays. A board's speed moves (thermal state, clock governor, a busy VM
+    host): a minute of anchors brings a table back to the board as it runs now, where a whole
+    profile takes many. Same board (fingerprint) and interpreter versions only; the previous
+    anchors are kept in the table's `recalibrations` list."""
+    from . import probes as P
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        table = lt.load_table(table_path)
+    except lt.TableError as e:
+        raise BenchError(str(e)) from None
+    raw = json.loads(json.dumps(table.raw))  # a deep copy to edit
+    info = table.model
+    if (info.get("spec"), info.get("num_classes"), info.get("width"), info.get("input")) != \
+            (source.info["spec"], source.info["num_classes"], source.info["width"], source.info["input"]):
+        raise BenchError(f"{table_path} is a table for {table.model_text}, not for {source.info['spec']} "
+                         f"(num_classes {source.info['num_classes']}, width {source.info['width']}, "
+                         f"input {source.info['input']})")
+    net = P.describe(source.model, source.example, source.ignore)
+    if [(g["name"], int(g["size"])) for g in net["groups"]] != table.groups:
+        raise BenchError(f"{table_path}: the model's channel groups are not the table's (was it profiled with "
+                         "another --ignore?)")
+    anchors_by_entry = [{a["name"]: a["keep"] for a in e.get("anchors") or ()} for e in raw["entries"]]
+    if not anchors_by_entry or not anchors_by_entry[0]:
+        raise BenchError(f"{table_path} has no whole-network anchors to time again (a table from before the "
+                         "calibration curve): profile the board again")
+    anchors = anchors_by_entry[0]
+    cfg = ProfileConfig(formats=sorted({e.format for e in table.entries}),
+                        threads=sorted({e.threads for e in table.entries}), cache=cfg.cache,
+                        rounds=cfg.rounds, burst_ms=cfg.burst_ms, grid=cfg.grid)
+    files = build_networks(source, net, anchors, cfg)
+    with tempfile.TemporaryDirectory(prefix="device_bench.recalibrate.") as tmp:
+        folder = Path(tmp) / "anchors"
+        entries = [{"id": f"network:{name}", "kind": "network", "files": f} for name, f in files.items()]
+        timings = board.time(folder, write_probeset(folder, entries), cfg, "the whole networks")
+    try:
+        table.check_compatible(timings["device"])
+    except lt.TableMismatch as e:
+        raise BenchError(str(e)) from None
+    for e, entry_raw in zip(table.entries, raw["entries"]):
+        r = _timing(timings, e.format, e.threads)
+        if e.backend_version and (r["backend"], r["backend_version"]) != (e.backend, e.backend_version):
+            raise BenchError(f"{table_path} ({e.label}) was profiled with {e.backend} {e.backend_version}, the board "
+                             f"now runs {r['backend']} {r['backend_version']}: the layer grid is out of date, "
+                             "profile the board again")
+        before = {a["name"]: a["measured_ms"] for a in entry_raw["anchors"]}
+        entry_raw.update(calibrate(e, anchor_timings(r, {n: anchors_by_entry[0][n] for n in before})))
+        after = {a["name"]: a["measured_ms"] for a in entry_raw["anchors"]}
+        ratio = float(np.median([after[n] / before[n] for n in before if before[n] > 0]))
+        entry_raw.setdefault("recalibrations", []).append(
+            {"at": started, "previous_anchors_ms": before, "speed_ratio": round(ratio, 4)})
+        log(f"{e.label}: whole networks now take {ratio:.3f}x what they took at the last calibration "
+            f"(dense {before.get('dense', float('nan')):.3f} -> {after.get('dense', float('nan')):.3f} ms)")
+    write_json_atomic(out, raw)
+    lt.load_table(out)
+    return raw
 
 
 def _axes(fit: Dict[str, Any]) -> Tuple[lt.Axis, lt.Axis]:

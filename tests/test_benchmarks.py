@@ -489,6 +489,13 @@ def test_latency_target_smoke(tmp_path, small_cifar_dir):
         assert p["p50_ms"] > 0 and p["dense_p50_ms"] > 0 and 0 < p["flops_reduction"] < 1
         assert p["speedup"] == pytest.approx(p["dense_p50_ms"] / p["p50_ms"], rel=1e-2)
     assert len(doc["verdicts"]) == 1 and (out / "latency_target.png").is_file()
+    # the budgets were measured with the table's anchors timed again, and the host's drift since is reported
+    table = json.loads((out / "tables" / "vgg11-recalibrated.json").read_text())
+    assert len(table["entries"][0]["recalibrations"]) == 1
+    assert lat["host_drift"] == pytest.approx(lat["dense_p50_ms"] / lat["dense_p50_at_budget_ms"], rel=1e-2)
+    assert lat["p50_over_budget_drift_corrected"] == pytest.approx(
+        lat["p50_ms"] / (lat["budget_ms"] * lat["host_drift"]), rel=1e-2)
+    assert "corrected" in doc["verdicts"][0]
     # a rerun redoes nothing: every step's output is there
     again = run_script("latency_target.py", *args, timeout=300)
     assert again.returncode == 0 and json.loads((out / "latency_target.json").read_text())["pairs"] == doc["pairs"]

@@ -299,6 +299,46 @@ def test_run_with_the_table_and_a_budget(table_path, slim_bundle, tmp_path):
     assert len(warned) == 1
 
 
+def test_recalibrate_times_the_anchors_again_and_keeps_the_grid(table_path, probe_cache, tmp_path):
+    """A table profiled while the board ran 3x slower (its anchors scaled by 3) predicts 3x too much;
+    --recalibrate times the anchors again and brings the dense prediction back to the board as it
+    runs now, the layer grid untouched, the old anchors kept."""
+    def slower(raw):
+        for a in raw["entries"][0]["anchors"]:
+            a["measured_ms"] *= 3
+    stale = _variant(table_path, tmp_path, "stale.json", slower)
+    before = lt.load_table(stale).entry("tflite", 1)
+    fresh = lt.load_table(table_path).entry("tflite", 1)
+    assert before.predict_keep(None) == pytest.approx(3 * fresh.predict_keep(None), rel=0.01)
+    proc = bench("profile", "--recalibrate", stale, "--cache", probe_cache, "--rounds", "3", "--burst-ms", "3",
+                 timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "recalibrated" in proc.stdout and "now take" in proc.stderr
+    raw = json.loads(stale.read_text())
+    entry = raw["entries"][0]
+    history = entry["recalibrations"]
+    assert len(history) == 1 and 0.15 < history[0]["speed_ratio"] < 0.6  # ~1/3, give or take the host's noise
+    assert history[0]["previous_anchors_ms"]["dense"] == pytest.approx(
+        3 * next(a["measured_ms"] for a in fresh.raw["anchors"] if a["name"] == "dense"))
+    assert entry["grids"] == fresh.raw["grids"] and entry["axes"] == fresh.raw["axes"]
+    after = lt.load_table(stale).entry("tflite", 1)
+    dense = next(a for a in entry["anchors"] if a["name"] == "dense")
+    assert after.predict_keep(None) == pytest.approx(dense["measured_ms"], rel=0.05)
+    assert after.predict_keep(None) < 0.6 * before.predict_keep(None)
+    # another board, or another interpreter version: refused, the table left as it was
+    for name, edit, message in [
+            ("other.json", lambda r: r["board"].update(cpu="Cortex-A72", id="0" * 16), "was measured on"),
+            ("older.json", lambda r: r["entries"][0].update(backend_version="2.0.0"), "profile the board again")]:
+        path = _variant(table_path, tmp_path, name, edit)
+        text = path.read_text()
+        proc = bench("profile", "--recalibrate", path, "--cache", probe_cache, "--rounds", "1", "--burst-ms", "1",
+                     timeout=600)
+        assert proc.returncode == 2 and message in one_line_error(proc)
+        assert path.read_text() == text
+    proc = bench("profile", "resnet56", "--recalibrate", stale, "--cache", probe_cache)  # not the table's model
+    assert proc.returncode == 2 and "is a table for tests.latency_fixture:tiny_resnet" in one_line_error(proc)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -310,6 +350,9 @@ def test_run_with_the_table_and_a_budget(table_path, slim_bundle, tmp_path):
     (["profile", "{tmp}", "--out", "{tmp}/t.json"], "not a run folder"),
     (["profile", "vgg16", "--host", "pi@bad host"], "bad host"),
     (["profile", "vgg16", "--grid", "fine"], "invalid choice"),
+    (["profile"], "name the model to profile"),
+    (["profile", "--recalibrate", "{tmp}/missing.json"], "latency table not found"),
+    (["profile", "--recalibrate", "{notatable}"], "is not a latency table"),
     (["run", "{bundle}", "--latency-table", "{tmp}/missing.json"], "latency table not found"),
     (["run", "{bundle}", "--latency-table", "{notatable}"], "is not a latency table"),
     (["run", "{bundle}", "--budget-ms", "-1"], "--budget-ms must be at least"),
