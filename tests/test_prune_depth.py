@@ -182,3 +182,23 @@ def test_removed_branches_export_to_onnx_and_tflite(tmp_path, small_cifar_dir):
     import onnx
     graph = onnx.load(str(tmp_path / "dist" / "model.onnx")).graph
     assert sum(n.op_type == "Conv" for n in graph.node) == slim_convs
+
+
+def test_chooser_tries_every_other_branch_in_place_of_the_one_that_tipped_the_target():
+    """Removal is coarse: the branch that makes removal alone meet the target may overshoot it by a
+    whole block. Each branch ranked after it is measured in its place (channels fill the rest), and
+    the least distortion over all candidates wins."""
+    torch.manual_seed(0)
+    model = randomize_bn(zoo("resnet20")).eval()
+    pruner = Pruner(model, X[:1], "params=0.3", "l1", remove_branches=True, calibration=X)
+    pruner.extract()
+    record = pruner.depth_record
+    ranked, by_j = record["ranked"], dict(record["distortion_by_removed"])
+    last = max(by_j)   # removal alone met the target here (a params target: every j is feasible)
+    assert last >= 1 and [b for b, _ in record["last_swapped"]] == ranked[last:]
+    everything = list(by_j.values()) + [d for _, d in record["last_swapped"]]
+    chosen = min(everything)
+    assert chosen in everything and len(set(everything)) > 1
+    winner = [b for b, d in record["last_swapped"] if d == chosen]
+    want = set(ranked[:last - 1]) | set(winner) if winner else set(ranked[:[j for j, d in by_j.items() if d == chosen][0]])
+    assert set(record["removed"]) == want

@@ -17,7 +17,9 @@ measurement instead, once, on a fixed batch of training inputs:
    as usual (`select_for`, the method's own selection with those groups at 0); D of each whole
    selection is measured. j stops growing at the first j whose branches alone meet the target
    (every other channel kept; more would only cut deeper); a j whose selection cannot reach the
-   target (channels alone above a latency floor) is skipped.
+   target (channels alone above a latency floor) is skipped. At that last j, the j-th branch is
+   also swapped for each branch ranked after it: one removal can overshoot the target by a
+   whole block's cost, and a branch that saves less lands nearer, with more channels kept.
 3. The j with the least D wins. j = 0 is the channel-only selection, so depth is taken only
    where it moves the output less than thinning does at the same budget (or where thinning alone
    cannot reach the budget at all).
@@ -68,23 +70,36 @@ class DepthChooser:
                 saved = dense - self.cost.resource(self.metric, off)
                 alone[name] = probe.distortion(off) / max(saved, 1e-12 * max(dense, 1e-12))
             ranked = sorted(self.removable, key=lambda n: (alone[n], n))
-            candidates = []
+            def measured(removed: frozenset):
+                try:
+                    return probe.distortion(select_for(removed))
+                except UserError:
+                    return None   # channels alone cannot reach it (a latency floor), or a joint target missed
+
+            candidates, swaps = [], []
             for j in range(len(ranked) + 1):
                 removed = frozenset(ranked[:j])
+                d = measured(removed)
+                if d is not None:
+                    candidates.append((d, j, removed))
                 only = dict(full, **{n: torch.zeros_like(full[n]) for n in removed})
-                try:
-                    masks = select_for(removed)
-                except UserError:
-                    continue   # channels alone cannot reach it (a latency floor), or a joint target missed
-                candidates.append((probe.distortion(masks), j, removed))
-                if self.cost.resource(self.metric, only) <= limit:
+                if j and self.cost.resource(self.metric, only) <= limit:
+                    # The j-th branch tipped it, maybe by far: removal is coarse, and the ranking is
+                    # per unit saved, not how close to the target it lands. Any other branch in its
+                    # place is a candidate too (the selection then keeps more channels elsewhere).
+                    for other in ranked[j:]:
+                        swapped = frozenset(ranked[:j - 1]) | {other}
+                        d = measured(swapped)
+                        if d is not None:
+                            candidates.append((d, j, swapped))
+                            swaps.append([other, round(d, 6)])
                     break   # these branches alone meet the target: more would only cut deeper
         if not candidates:
             raise UserError("remove_branches: no number of removed branches reaches the target")
-        best = min(candidates, key=lambda c: (c[0], c[1]))
+        best = min(candidates, key=lambda c: (c[0], c[1], sorted(c[2])))
         record = {"removed": sorted(best[2]), "ranked": ranked,
-                  "distortion_by_removed": [[j, round(d, 6)] for d, j, _ in candidates],
-                  "calibration_images": int(self.batch.shape[0])}
+                  "distortion_by_removed": [[j, round(d, 6)] for d, j, r in candidates if r == frozenset(ranked[:j])],
+                  "last_swapped": swaps, "calibration_images": int(self.batch.shape[0])}
         return best[2], record
 
 
