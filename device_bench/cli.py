@@ -267,6 +267,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:60] or "model"
 
 
+# A table entry whose probes varied more than this between rounds (median) predicts roughly: the
+# Xeon's ResNet-56 fp32 x2 entry at 41 % got 2/6 held-out networks within ±10 %, entries at
+# 1.5-10 % got 4-6/6 (BENCHMARKS.md, "Latency tables").
+NOISY = 0.2
+
+
 def cmd_profile(args) -> int:
     from .bundle import KNOWN_FORMATS
     from .profile import Board, ProfileConfig, profile, resolve_model
@@ -319,7 +325,12 @@ def cmd_profile(args) -> int:
         dense = next(a for a in e["anchors"] if a["name"] == "dense")
         _log(f"{e['format']:<12} x{e['threads']:<2} dense network {dense['measured_ms']:.3f} ms measured, "
              f"{dense['sum_ms']:.3f} ms sum of layers; calibrated on {len(e['anchors'])} whole networks, "
-             f"worst anchor {max(abs(a['predicted_ms'] / a['measured_ms'] - 1) for a in e['anchors']) * 100:.1f} % off")
+             f"worst anchor {max(abs(a['predicted_ms'] / a['measured_ms'] - 1) for a in e['anchors']) * 100:.1f} % off, "
+             f"probes {e['noise']['median_spread'] * 100:.1f} % apart between rounds (median)")
+        if e["noise"]["median_spread"] > NOISY:
+            _log(f"warning: {e['format']} x{e['threads']}: the probes' timings varied "
+                 f"{e['noise']['median_spread'] * 100:.0f} % between rounds (median): predictions from this entry "
+                 "will be rough (measured: 2/6 within ±10 % at 41 %); profile it again on an idle board")
     p = table["profile"]
     print(f"latency table: {out} ({len(table['entries'])} entries, {p['probes_converted']} probes converted, "
           f"{p['wall_seconds']:.0f} s)")

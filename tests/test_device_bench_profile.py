@@ -97,6 +97,7 @@ def test_profile_over_ssh_reuses_the_cache(table_path, probe_cache, tmp_path):
         stop_sshd(server)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "uploading" in proc.stderr  # the probe set went over ssh
+    assert "apart between rounds (median)" in proc.stderr  # each entry's timing noise is said
     raw, local = json.loads(out.read_text()), json.loads(table_path.read_text())
     assert raw["profile"]["probes_converted"] == 0  # every probe came from the cache
     assert raw["board"]["id"] == local["board"]["id"]  # loopback: the same machine
