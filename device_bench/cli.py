@@ -268,8 +268,8 @@ def _slug(text: str) -> str:
 
 
 # A table entry whose probes varied more than this between rounds (median) predicts roughly: the
-# Xeon's ResNet-56 fp32 x2 entry at 41 % got 2/6 held-out networks within ±10 %, entries at
-# 1.5-10 % got 4-6/6 (BENCHMARKS.md, "Latency tables").
+# Xeon's ResNet-56 fp32 x2 entry at 41 % got 2/6 held-out networks within ±10 %, profiled again at
+# 2.7 % 6/6 (BENCHMARKS.md, "Latency tables").
 NOISY = 0.2
 
 
@@ -330,7 +330,7 @@ def cmd_profile(args) -> int:
         if e["noise"]["median_spread"] > NOISY:
             _log(f"warning: {e['format']} x{e['threads']}: the probes' timings varied "
                  f"{e['noise']['median_spread'] * 100:.0f} % between rounds (median): predictions from this entry "
-                 "will be rough (measured: 2/6 within ±10 % at 41 %); profile it again on an idle board")
+                 "will be rough; profile it again on an idle board")
     p = table["profile"]
     print(f"latency table: {out} ({len(table['entries'])} entries, {p['probes_converted']} probes converted, "
           f"{p['wall_seconds']:.0f} s)")
