@@ -19,7 +19,7 @@ HOST ?=
 DATA_DIR ?= $(if $(EDGESLIM_DATA),$(EDGESLIM_DATA),$(if $(wildcard ../shared/data/cifar10.npz),../shared/data,))
 DATA_ARG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
-.PHONY: setup system-deps demo test lint pytest compress export bench deploy report profile clean test-board board-try
+.PHONY: setup system-deps demo test lint pytest compress export bench deploy report profile recalibrate clean test-board board-try
 
 setup: $(STAMP)
 
@@ -91,6 +91,11 @@ PROFILE_ARGS ?=
 profile: setup
 	$(PYTHON) -m device_bench profile $(if $(filter command line,$(origin RUN)),$(RUN),$(MODEL)) \
 	  $(if $(HOST),--host $(HOST),) $(PROFILE_ARGS)
+
+# The same table's whole-network anchors timed again (the board's speed moved): TABLE=tables/....json
+recalibrate: setup
+	@test -n "$(TABLE)" || { echo "usage: make recalibrate TABLE=tables/MODEL-BOARD.json [HOST=user@board]"; exit 2; }
+	$(PYTHON) -m device_bench profile --recalibrate $(TABLE) $(if $(HOST),--host $(HOST),) $(PROFILE_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-device-tflite .pytest_cache .ruff_cache
