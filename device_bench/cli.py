@@ -346,15 +346,18 @@ def _recalibrate(args, board, out: Optional[Path], ignore: List[str]) -> int:
 
     path = Path(args.recalibrate)
     try:
-        info = lt.load_table(path).model
+        table = lt.load_table(path)
     except lt.TableError as e:
         raise BenchError(str(e)) from None
+    info = table.model
     size = (info.get("input") or [1, 3, args.input_size, args.input_size])[2]
     source = resolve_model(args.model or str(info.get("spec")), int(info.get("num_classes") or args.num_classes),
                            float(info.get("width") or args.width), int(size), ignore)
-    cfg = ProfileConfig(formats=[], threads=[], cache=Path(args.cache) if args.cache else default_cache(),
+    cfg = ProfileConfig(formats=sorted({e.format for e in table.entries}),
+                        threads=sorted({e.threads for e in table.entries}),
+                        cache=Path(args.cache) if args.cache else default_cache(),
                         rounds=args.rounds, burst_ms=args.burst_ms)
-    recalibrate(source, path, cfg, board, out or path, _log)
+    recalibrate(source, table, cfg, board, out or path, _log)
     print(f"latency table: {out or path} (recalibrated)")
     return 0
 

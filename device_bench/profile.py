@@ -17,6 +17,7 @@ The table is written atomically (docs/formats.md §4).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -478,22 +479,18 @@ def anchor_timings(result: Dict[str, Any], anchors: Dict[str, Dict[str, int]]) -
 # --------------------------------------------------------------------------- re-timing the anchors
 
 
-def recalibrate(source: ModelSource, table_path: Path, cfg: ProfileConfig, board: Board, out: Path,
+def recalibrate(source: ModelSource, table: lt.LatencyTable, cfg: ProfileConfig, board: Board, out: Path,
                 log: Callable[[str], None]) -> Dict[str, Any]:
     """Time the table's whole-network anchors again and derive its calibration curves from the new
     times; the layer grid stays. A board's speed moves (thermal state, clock governor, a busy VM
     host): a minute of anchors brings a table back to the board as it runs now, where a whole
     profile takes many. Same board (fingerprint) and interpreter versions only; the previous
-    anchors are kept in the table's `recalibrations` list."""
+    anchors are kept in the table's `recalibrations` list. `cfg`: the table's formats and threads."""
     from . import probes as P
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    try:
-        table = lt.load_table(table_path)
-    except lt.TableError as e:
-        raise BenchError(str(e)) from None
-    raw = json.loads(json.dumps(table.raw))  # a deep copy to edit
-    info = table.model
+    raw = copy.deepcopy(table.raw)
+    info, table_path = table.model, table.path
     if (info.get("spec"), info.get("num_classes"), info.get("width"), info.get("input")) != \
             (source.info["spec"], source.info["num_classes"], source.info["width"], source.info["input"]):
         raise BenchError(f"{table_path} is a table for {table.model_text}, not for {source.info['spec']} "
@@ -503,14 +500,11 @@ def recalibrate(source: ModelSource, table_path: Path, cfg: ProfileConfig, board
     if [(g["name"], int(g["size"])) for g in net["groups"]] != table.groups:
         raise BenchError(f"{table_path}: the model's channel groups are not the table's (was it profiled with "
                          "another --ignore?)")
-    anchors_by_entry = [{a["name"]: a["keep"] for a in e.get("anchors") or ()} for e in raw["entries"]]
-    if not anchors_by_entry or not anchors_by_entry[0]:
+    # every entry of a profile has the same anchors (profile() above)
+    anchors = {a["name"]: a["keep"] for a in ((raw["entries"][0].get("anchors") or ()) if raw["entries"] else ())}
+    if not anchors:
         raise BenchError(f"{table_path} has no whole-network anchors to time again (a table from before the "
                          "calibration curve): profile the board again")
-    anchors = anchors_by_entry[0]
-    cfg = ProfileConfig(formats=sorted({e.format for e in table.entries}),
-                        threads=sorted({e.threads for e in table.entries}), cache=cfg.cache,
-                        rounds=cfg.rounds, burst_ms=cfg.burst_ms, grid=cfg.grid)
     files = build_networks(source, net, anchors, cfg)
     with tempfile.TemporaryDirectory(prefix="device_bench.recalibrate.") as tmp:
         folder = Path(tmp) / "anchors"
@@ -527,7 +521,7 @@ def recalibrate(source: ModelSource, table_path: Path, cfg: ProfileConfig, board
                              f"now runs {r['backend']} {r['backend_version']}: the layer grid is out of date, "
                              "profile the board again")
         before = {a["name"]: a["measured_ms"] for a in entry_raw["anchors"]}
-        entry_raw.update(calibrate(e, anchor_timings(r, {n: anchors_by_entry[0][n] for n in before})))
+        entry_raw.update(calibrate(e, anchor_timings(r, anchors)))
         after = {a["name"]: a["measured_ms"] for a in entry_raw["anchors"]}
         ratio = float(np.median([after[n] / before[n] for n in before if before[n] > 0]))
         entry_raw.setdefault("recalibrations", []).append(

@@ -76,12 +76,13 @@ class DepthChooser:
                 except UserError:
                     return None   # channels alone cannot reach it (a latency floor), or a joint target missed
 
-            candidates, swaps = [], []
+            candidates, by_j, swaps = [], [], []
             for j in range(len(ranked) + 1):
                 removed = frozenset(ranked[:j])
                 d = measured(removed)
                 if d is not None:
                     candidates.append((d, j, removed))
+                    by_j.append([j, round(d, 6)])
                 only = dict(full, **{n: torch.zeros_like(full[n]) for n in removed})
                 if j and self.cost.resource(self.metric, only) <= limit:
                     # The j-th branch tipped it, maybe by far: removal is coarse, and the ranking is
@@ -98,7 +99,7 @@ class DepthChooser:
             raise UserError("remove_branches: no number of removed branches reaches the target")
         best = min(candidates, key=lambda c: (c[0], c[1], sorted(c[2])))
         record = {"removed": sorted(best[2]), "ranked": ranked,
-                  "distortion_by_removed": [[j, round(d, 6)] for d, j, r in candidates if r == frozenset(ranked[:j])],
+                  "distortion_by_removed": by_j,
                   "last_swapped": swaps, "calibration_images": int(self.batch.shape[0])}
         return best[2], record
 
