@@ -553,3 +553,27 @@ def test_latency_prediction_repredicts_the_committed_measurements(tmp_path):
     within_then = sum(abs(r["error_at_measurement"]) <= 0.1 for r in vgg_fp32)
     assert (within_then, within_now) == (1, 4)
     assert "predicted then" in (out / "latency_prediction.md").read_text()
+
+
+def test_calibration_alternatives_reproduces_the_tables_own_predictions(tmp_path):
+    """On the committed Xeon re-profile (tables and measurements in git), the "interp" column is the
+    table's own prediction: the held-out networks drawn again from their seeds give the errors the
+    benchmark recorded (6/6 within ±10 %); the smooth fits are scored on the same networks."""
+    import shutil
+
+    src = tmp_path / "results"
+    shutil.copytree(BENCH / "results" / "latency-prediction-xeon-r56x2", src / "latency-prediction-xeon-r56x2")
+    out = tmp_path / "out"
+    proc = run_script("calibration_alternatives.py", "--results", str(src), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((out / "calibration_alternatives.json").read_text())
+    (row,) = doc["rows"]
+    assert (row["model"], row["entry"]) == ("resnet56", "tflite x2")
+    recorded = json.loads((src / "latency-prediction-xeon-r56x2" / "latency_prediction.json").read_text())
+    errors = [x["error"] for r in recorded["results"] for x in r["rows"]]
+    assert row["interp"]["networks"] == len(errors) == 6
+    assert row["interp"]["mean_abs"] == pytest.approx(sum(map(abs, errors)) / 6, abs=2e-4)
+    assert row["interp"]["within"] == 6
+    assert all(row[k]["networks"] == 6 for k in ("power", "ratio", "weights"))
+    empty = run_script("calibration_alternatives.py", "--results", str(tmp_path / "none"), "--out", str(out))
+    assert empty.returncode != 0 and "no latency-prediction" in empty.stderr
