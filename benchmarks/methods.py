@@ -15,6 +15,9 @@ not committed); a half-done one (NAME.partial/checkpoint.pt) is continued with `
 same command in the next session and it picks up where it stopped. `random` and `scratch` take the
 per-layer widths of the seed run at the same target and seed (`--widths-from`), so they run after it.
 `uniform` is the network thinned by one width share to the target and trained from scratch.
+`--params R` makes every target joint (`--target flops=T,params=R`, run names `-fTT-pRR`): the
+methods that select channels by a budget take it (seed, l1, slimming, taylor; random and scratch
+inherit the seed run's widths); uniform and the Torch-Pruning peer hit one FLOPs target and refuse it.
 The one-shot methods (l1, slimming, taylor, random, torch-pruning*) keep their dense phase
 (`--keep-dense`); a later one of the same kind, model and seed starts from it (`--dense-from`), so
 the grid trains each dense phase once per model and seed (slimming's has its own L1 term).
@@ -35,7 +38,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -66,6 +69,7 @@ METHODS = ("seed", "l1", "slimming", "taylor", "random", "scratch", "uniform", "
 # (GroupMagnitudeImportance) and group first-order Taylor (GroupTaylorImportance).
 PEER_IMPORTANCE = {"torch-pruning": "magnitude", "torch-pruning-taylor": "taylor"}
 NEEDS_SEED_WIDTHS = ("random", "scratch")
+ONE_TARGET = ("uniform", *PEER_IMPORTANCE)  # one width multiplier / one bisected global ratio: no joint target
 # The one-shot methods train dense, then cut once: runs whose dense phases are the same training
 # (compress's DENSE_PHASE, the Torch-Pruning peer's is l1's) keep it (--keep-dense), and a run at
 # another target or with another criterion starts from it (--dense-from) instead of training it again.
@@ -112,17 +116,27 @@ class Config:
     method: str                        # one of METHODS or "none" (the dense reference)
     target: Optional[float]            # FLOPs reduction; None for the dense reference
     seed: int = 0                      # compress --seed (initialisation, data order)
+    params: Optional[float] = None     # a params reduction asked beside the FLOPs target (joint), or None
 
     @property
     def name(self) -> str:
         return f"{self.model}-{self.method}" + ("" if self.target is None else f"-f{round(self.target * 100):02d}") \
+            + ("" if self.params is None else f"-p{round(self.params * 100):02d}") \
             + (f"-s{self.seed}" if self.seed else "")
+
+    @property
+    def target_text(self) -> str:
+        return f"flops={self.target:g}" + ("" if self.params is None else f",params={self.params:g}")
+
+    def seed_run(self) -> Config:
+        """The seed-method run whose widths random/scratch take."""
+        return replace(self, method="seed")
 
 
 def plan(models: list[str], methods: list[str], targets: dict, seeds: tuple = (0,),
-         dense: bool = True) -> list[Config]:
+         dense: bool = True, params: Optional[float] = None) -> list[Config]:
     """Every configuration, in the order it must run: per seed the dense reference, then per target
-    the seed method first (random and scratch take its widths)."""
+    the seed method first (random and scratch take its widths). `params`: every target joint."""
     configs = []
     for seed in seeds:
         for model in models:
@@ -132,7 +146,7 @@ def plan(models: list[str], methods: list[str], targets: dict, seeds: tuple = (0
                 needs_seed = [m for m in methods if m in NEEDS_SEED_WIDTHS]
                 order = (["seed"] if methods and ("seed" in methods or needs_seed) else []) + \
                     [m for m in methods if m != "seed" and m not in NEEDS_SEED_WIDTHS] + needs_seed
-                configs += [Config(model, m, t, seed) for m in order]
+                configs += [Config(model, m, t, seed, params) for m in order]
     return configs
 
 
@@ -234,10 +248,10 @@ def command(config: Config, preset_name: str, layout: Layout, data_dir: Optional
     if config.seed:
         cmd += ["--seed", str(config.seed)]
     if config.method in NEEDS_SEED_WIDTHS:
-        seed_run = Config(config.model, "seed", config.target, config.seed)
+        seed_run = config.seed_run()
         cmd += ["--widths-from", str(layout.finished(seed_run) or layout.run(seed_run))]
     elif config.target is not None:
-        cmd += ["--target", f"flops={config.target:g}"]
+        cmd += ["--target", config.target_text]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     cmd += [*preset.flags, *extra]
@@ -317,7 +331,7 @@ def run_all(configs: list[Config], preset: str, layout: Layout, data_dir: Option
                 if len(running) >= jobs:
                     break
                 if c.method in NEEDS_SEED_WIDTHS:
-                    seed = Config(c.model, "seed", c.target, c.seed)
+                    seed = c.seed_run()
                     if seed.name in running or seed in todo:
                         continue   # waits for its widths
                     if layout.finished(seed) is None:
@@ -357,7 +371,8 @@ def collect(configs: list[Config], layout: Layout, status: dict[str, str]) -> li
     walls = read_json(layout.walls) if layout.walls.is_file() else {}
     rows = []
     for c in configs:
-        row = {"name": c.name, "model": c.model, "method": c.method, "target": c.target, "seed": c.seed,
+        row = {"name": c.name, "model": c.model, "method": c.method, "target": c.target, "params_target": c.params,
+               "seed": c.seed,
                "status": status.get(c.name, "pending"), "run": str(layout.run(c))}
         folder = layout.finished(c)
         if folder is None and c.name in layout.earlier:
@@ -380,11 +395,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     """One entry per (model, method, target): mean top-1 over the finished seeds and its spread."""
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
-        cells.setdefault((r["model"], r["method"], r["target"]), []).append(r)
+        cells.setdefault((r["model"], r["method"], r["target"], r.get("params_target")), []).append(r)
     out = []
-    for (model, method, target), runs in cells.items():
+    for (model, method, target, params_target), runs in cells.items():
         done = [r for r in runs if "top1" in r]
-        entry = {"model": model, "method": method, "target": target, "n": len(done), "planned": len(runs)}
+        entry = {"model": model, "method": method, "target": target, "params_target": params_target,
+                 "n": len(done), "planned": len(runs)}
         if done:
             top1 = [r["top1"] for r in done]
             entry.update(mean=statistics.fmean(top1), min=min(top1), max=max(top1),
@@ -423,7 +439,8 @@ def markdown(result: dict) -> str:
                   "| target | method | top-1 mean | spread | seeds | vs dense | FLOPs red. | params red. | train min |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for c in (c for c in cells if c["model"] == model):
-            target = "dense" if c["target"] is None else f"{c['target']:.2f}"
+            target = "dense" if c["target"] is None else f"{c['target']:.2f}" \
+                + ("" if c.get("params_target") is None else f", params {c['params_target']:.2f}")
             if not c["n"]:
                 lines.append(f"| {target} | {c['method']} | | | 0/{c['planned']} | | | | |")
                 continue
@@ -545,6 +562,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=default_data_dir(), help="folder with cifar10.npz (default "
                    "$EDGESLIM_DATA or /work/shared/data; otherwise compress downloads CIFAR-10)")
     p.add_argument("--seeds", default="0", help="comma list of compress --seed values (default 0)")
+    p.add_argument("--params", type=float, help="a params reduction asked beside every FLOPs target (a joint "
+                   "target, flops=T,params=R); not for uniform and the Torch-Pruning peer")
     p.add_argument("--no-dense", action="store_true", help="leave out the dense reference run")
     p.add_argument("--compress-arg", action="append", default=[], metavar="FLAG",
                    help="extra flag for every run, e.g. --compress-arg=--workers=2 (repeatable; same for all methods)")
@@ -597,7 +616,14 @@ def main(argv=None) -> int:
             raise BenchError(f"--seeds {args.seeds!r}: expected comma-separated integers like 0,1") from None
         if any(v < 0 for v in seeds):
             raise BenchError(f"--seeds {args.seeds!r}: seeds must be >= 0")
-        configs = plan(models, methods, targets, seeds, dense=not args.no_dense)
+        if args.params is not None:
+            if not 0 < args.params < 1:
+                raise BenchError(f"--params {args.params:g}: a reduction strictly between 0 and 1 (0.92 removes 92 %)")
+            refused = [m for m in methods if m in ONE_TARGET]
+            if refused:
+                raise BenchError(f"--params: {', '.join(refused)} hit(s) one FLOPs target (a width multiplier or one "
+                                 f"global ratio) and cannot take a joint one; leave them out of --methods")
+        configs = plan(models, methods, targets, seeds, dense=not args.no_dense, params=args.params)
         if args.first and args.only:
             raise BenchError("--first and --only: give one of them")
         if args.first or args.only:
@@ -621,7 +647,8 @@ def main(argv=None) -> int:
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result = {"benchmark": "methods", "preset": args.preset, "about": preset.about,
               "compress_preset": preset.compress_preset, "flags": list(preset.flags) + list(args.compress_arg),
-              "models": models, "methods": methods, "targets": targets, "seeds": list(seeds), "meta": info,
+              "models": models, "methods": methods, "targets": targets, "params_target": args.params,
+              "seeds": list(seeds), "meta": info,
               "sessions": previous.get("sessions", []) + [info], "rows": collect(configs, layout, status)}
     write_outputs(result, root)
     done = sum("top1" in r for r in result["rows"])

@@ -325,6 +325,24 @@ def test_torch_pruning_peer_starts_from_an_l1_runs_kept_dense_phase(tmp_path, sm
     assert abs(report["achieved"]["flops_reduction"] - 0.76) <= 0.005 + 1e-9
 
 
+def test_methods_joint_target_names_the_runs_and_feeds_random_the_joint_seed_run(tmp_path):
+    configs = methods.plan(["vgg16"], ["seed", "l1", "random"], {"vgg16": (0.76,)}, seeds=(0, 1), params=0.92)
+    assert [c.name for c in configs] == ["vgg16-none", "vgg16-seed-f76-p92", "vgg16-l1-f76-p92", "vgg16-random-f76-p92",
+                                         "vgg16-none-s1", "vgg16-seed-f76-p92-s1", "vgg16-l1-f76-p92-s1",
+                                         "vgg16-random-f76-p92-s1"]
+    layout = methods.Layout(tmp_path)
+    seed, l1, random = configs[1:4]
+    for c in (seed, l1):
+        cmd = methods.command(c, "cpu", layout, None, ())
+        assert cmd[cmd.index("--target") + 1] == "flops=0.76,params=0.92"
+    cmd = methods.command(random, "cpu", layout, None, ())
+    assert cmd[cmd.index("--widths-from") + 1] == str(layout.run(seed)) and "--target" not in cmd
+    rows = [{"model": "vgg16", "method": "seed", "target": 0.76, "params_target": p, "seed": 0, "top1": t,
+             "flops_reduction": 0.76, "params_reduction": 0.9, "train_seconds": 60.0}
+            for p, t in ((0.92, 0.79), (None, 0.81))]
+    assert [(c["params_target"], c["mean"]) for c in methods.summarize(rows)] == [(0.92, 0.79), (None, 0.81)]
+
+
 def test_methods_plan_runs_seed_before_the_methods_that_take_its_widths():
     order = [c.name for c in methods.plan(["vgg16"], ["scratch", "l1"], {"vgg16": (0.9,)})]
     assert order == ["vgg16-none", "vgg16-seed-f90", "vgg16-l1-f90", "vgg16-scratch-f90"]
@@ -335,6 +353,8 @@ def test_methods_plan_runs_seed_before_the_methods_that_take_its_widths():
     (["--targets", "0.5,1.5"], "strictly between 0 and 1"),
     (["--preset", "huge"], "unknown preset"),
     (["--models", "mobilenetv2"], "give --targets"),
+    (["--params", "1.2"], "strictly between 0 and 1"),
+    (["--methods", "seed,uniform", "--params", "0.9"], "uniform hit(s) one FLOPs target"),
 ])
 def test_methods_bad_input_is_one_line_exit_2(args, message, tmp_path):
     proc = run_script("methods.py", *args, "--results", str(tmp_path / "r"))
