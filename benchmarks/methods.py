@@ -280,9 +280,11 @@ def known_wall(recorded: Optional[float], train_seconds: float) -> Optional[floa
 
 
 def with_threads(extra: tuple, jobs: int) -> tuple:
-    """The flags for every run: with several at once, each gets its share of the cores as torch
-    threads (unless --compress-arg gives --workers), so they do not fight over them."""
-    if jobs <= 1 or any(f == "--workers" or f.startswith("--workers=") for f in extra):
+    """The flags for every run: each gets its share of the cores as torch threads (unless
+    --compress-arg gives --workers), so runs at once do not fight over them. Given even to a run
+    alone: a resumed run keeps the threads it was started with unless told (compress --resume), and
+    a run started two at a time and continued alone would otherwise keep half the cores."""
+    if any(f == "--workers" or f.startswith("--workers=") for f in extra):
         return extra
     return (*extra, f"--workers={max(1, (os.cpu_count() or 1) // jobs)}")
 

@@ -159,7 +159,7 @@ def test_methods_resumes_a_half_done_run(tmp_path):
 
 def test_methods_gives_each_of_several_runs_its_share_of_the_cores(monkeypatch):
     monkeypatch.setattr(methods.os, "cpu_count", lambda: 4)
-    assert methods.with_threads(("--epochs", "4"), 1) == ("--epochs", "4")
+    assert methods.with_threads(("--epochs", "4"), 1) == ("--epochs", "4", "--workers=4")   # also alone: resumes
     assert methods.with_threads(("--epochs", "4"), 2) == ("--epochs", "4", "--workers=2")
     assert methods.with_threads(("--workers=3",), 2) == ("--workers=3",)      # the user's choice wins
     assert methods.with_threads((), 8) == ("--workers=1",)
