@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, meta, meta_markdown, write_json, write_text  # noqa: E402
-from benchmarks.latency_prediction import KEEP_RANGE, config_seed, random_masks  # noqa: E402
+from benchmarks.latency_prediction import KEEP_RANGE, held_out_keep  # noqa: E402
 from device_bench import latency_table as lt  # noqa: E402
 
 WITHIN = 0.10
@@ -62,14 +62,10 @@ def fit(kind: str, sums: np.ndarray, weights: np.ndarray, ms: np.ndarray, entry:
     return lambda s, w: float(coef @ [s, w])
 
 
-def keep_of(table: lt.LatencyTable, doc: dict, result: dict) -> dict:
-    """The kept counts of a held-out network, drawn again from its seed (as --repredict does)."""
+def run_seed(doc: dict) -> int:
+    """The --seed the measuring run was started with (its command is in the document's meta)."""
     words = shlex.split(doc["meta"]["command"])
-    seed = int(words[words.index("--seed") + 1]) if "--seed" in words else 0
-    index = int(result["config"].rsplit("-r", 1)[1])
-    masks = random_masks(table.groups, config_seed(argparse.Namespace(seed=seed), result["model"], index),
-                         tuple(doc.get("keep_range", KEEP_RANGE)))
-    return {name: int(m.sum()) for name, m in masks.items()}
+    return int(words[words.index("--seed") + 1]) if "--seed" in words else 0
 
 
 def evaluate(folder: Path) -> list[dict]:
@@ -93,7 +89,7 @@ def evaluate(folder: Path) -> list[dict]:
                 hit = [x for x in r["rows"] if x["format"] == entry.format and x["threads"] == entry.threads]
                 if not hit:
                     continue
-                keep = keep_of(table, doc, r)
+                keep = held_out_keep(table.groups, run_seed(doc), r, doc.get("keep_range", KEEP_RANGE))
                 s, w = sum(entry.breakdown(keep).values()), weights_of(table, keep)
                 for k, fn in fns.items():
                     errors[k].append(fn(s, w) / hit[0]["measured_p50_ms"] - 1)

@@ -105,15 +105,22 @@ def random_masks(groups, seed: int, keep_range=KEEP_RANGE) -> Dict[str, Any]:
     return masks
 
 
-def config_seed(args, model: str, index: int) -> int:
-    return args.seed * 1000 + index + sum(map(ord, model))
+def config_seed(seed: int, model: str, index: int) -> int:
+    return seed * 1000 + index + sum(map(ord, model))
+
+
+def held_out_keep(groups, seed: int, result: Dict[str, Any], keep_range=KEEP_RANGE) -> Dict[str, int]:
+    """The kept channels per group of a measured held-out network (`result`, named MODEL-rINDEX) of a
+    run with `--seed seed`: drawn again from its seed, as write_random_run drew them."""
+    index = int(result["config"].rsplit("-r", 1)[1])
+    masks = random_masks(groups, config_seed(seed, result["model"], index), tuple(keep_range))
+    return {name: int(mask.sum()) for name, mask in masks.items()}
 
 
 def repredict(result: Dict[str, Any], table, args) -> None:
     """Predict `result`'s network again with today's table code (a loaded LatencyTable; see the
     module docstring)."""
-    index = int(result["config"].rsplit("-r", 1)[1])
-    keep = {n: int(m.sum()) for n, m in random_masks(table.groups, config_seed(args, result["model"], index)).items()}
+    keep = held_out_keep(table.groups, args.seed, result)
     for row in result["rows"]:
         entry = table.find(row["format"], row["threads"])
         if entry is None or row.get("predicted_ms") is None:
@@ -160,7 +167,7 @@ def measure_config(model: str, index: int, table: Path, args) -> Dict[str, Any]:
     if not bench.is_file():
         run, dist = args.out / "runs" / name, args.out / "dist" / name
         if not (run / "report.json").is_file():
-            write_random_run(model, run, seed=config_seed(args, model, index),
+            write_random_run(model, run, seed=config_seed(args.seed, model, index),
                              data_dir=args.data_dir)
         if not (dist / "manifest.json").is_file():
             rc, _ = run_logged([PYTHON, "-m", "export", str(run), "--out", str(dist), "--formats", args.formats,
