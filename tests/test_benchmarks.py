@@ -597,3 +597,20 @@ def test_calibration_alternatives_reproduces_the_tables_own_predictions(tmp_path
     assert all(row[k]["networks"] == 6 for k in ("power", "ratio", "weights"))
     empty = run_script("calibration_alternatives.py", "--results", str(tmp_path / "none"), "--out", str(out))
     assert empty.returncode != 0 and "no latency-prediction" in empty.stderr
+
+
+def test_plateaus_by_size_prices_a_staircase_as_a_table_does():
+    # A synthetic sweep shaped like XNNPACK fp32 on the Xeon: plateaus 1-16, 17-32 with 32 a fast
+    # path, 33-64. Priced with its own plateaus every width costs its plateau's cost exactly;
+    # priced with plateaus 16 wide everywhere (another size's), the 33..48 widths come out cheap.
+    from benchmarks.plateaus_by_size import axis_of, priced
+    from device_bench import latency_table as lt
+
+    widths = [1, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64]
+    ms = [1.0] * 5 + [2.0] * 3 + [1.4] + [3.0] * 4
+    own = axis_of(widths, ms, 0.02)
+    assert own.tops(64) == [16, 32, 64] and own.dips == {32: 0.7}
+    assert priced(own, widths, ms).tolist() == pytest.approx(ms)
+    sixteen = lt.Axis([[1, 16], [17, 32], [33, 48], [49, 64]], 64, 0, 0, {32: 0.7})
+    got = priced(sixteen, widths, ms[:10] + [2.5] + ms[11:])
+    assert got[9] == pytest.approx(2.5) and got[12] == pytest.approx(3.0)
