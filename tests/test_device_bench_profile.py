@@ -397,3 +397,35 @@ def test_int8_probe_batches_convert_in_one_go(batch, tmp_path, monkeypatch):
     for f in files:
         inp, out = file_specs(f, "tflite-int8")
         assert (inp.dtype, out.dtype) == ("int8", "int8")
+
+
+def test_a_creeping_plateau_stays_one_plateau_and_repeats_beyond_the_sweep():
+    # XNNPACK int8, 1 thread, input widths on the Intel Xeon (benchmarks/results/latency-target-
+    # xeon-vgg16-s0): ~2.4 us rising 8 % from 1 to 64 channels, then ~5.0 us to 128. Cut every 2 %
+    # (the code before), it became overlapping pieces ([1, 24], [23, 32], ...), 72 was priced as 88
+    # and interpolated across the step, and beyond 128 widths had no plateaus at all.
+    ms = [2.40, 2.40, 2.41, 2.42, 2.42, 2.43, 2.44, 2.44, 2.45, 2.45, 2.46, 2.47, 2.47, 2.48, 2.49, 2.49, 2.50,
+          2.52, 2.55, 2.57, 2.59, 4.90, 4.95, 4.97, 5.00, 5.02, 5.05, 5.07, 5.10]
+    found = lt.find_flat_gaps(SWEEP, ms, tolerance=0.02)
+    assert found["flat"] == [[1, 64], [65, 128]] and (found["period"], found["last_top"]) == (64, 128)
+    axis = lt.Axis.from_json(found)
+    assert axis.effective([40, 72, 129, 158, 199]).tolist() == [64, 128, 192, 192, 256]
+    # a creep beyond max(CREEP, 2 x tolerance) is cut, and the pieces never share a width
+    ramp = [1.0 + 0.004 * w for w in SWEEP]
+    flat = lt.find_flat_gaps(SWEEP, ramp, tolerance=0.02)["flat"]
+    assert len(flat) > 1 and all(a[1] < b[0] for a, b in zip(flat, flat[1:]))
+    for lo, hi in flat:   # from the plateau's first swept width to its top
+        first = min(i for i, w in enumerate(SWEEP) if w >= lo)
+        assert ramp[SWEEP.index(hi)] <= ramp[first] * (1 + lt.creep(0.02)) + 1e-9
+    # a last plateau off the tile grid (89..128 is 40 wide, 88 no multiple of 40) does not repeat
+    odd = [1.0] * 21 + [1.5] * 3 + [2.0] * 5
+    found = lt.find_flat_gaps(SWEEP, odd, tolerance=0.02)
+    assert found["flat"][-1] == [89, 128] and found["period"] == 0
+
+
+def test_a_table_refits_its_plateaus_from_the_stored_sweep():
+    ms = [2.40] * 21 + [4.9] * 8
+    chopped = {"flat": [[1, 24], [23, 32]], "sweep_max": 128, "period": 0, "last_top": 0,
+               "sweep": {"widths": SWEEP, "ms": ms}}
+    assert lt.Axis.from_json(chopped, tolerance=0.02).flat == [(1, 64), (65, 128)]
+    assert lt.Axis.from_json({k: v for k, v in chopped.items() if k != "sweep"}, 0.02).flat == [(1, 24), (23, 32)]
