@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, cli, meta, meta_markdown, write_json, write_text  # noqa: E402
 from device_bench import latency_table as lt  # noqa: E402
 from device_bench import probes as P  # noqa: E402
-from device_bench.profile import (SWEEP_OTHER, Board, ProfileConfig, _timing, _tolerance,  # noqa: E402
-                                  write_probeset)
+from device_bench.profile import SWEEP_OTHER, Board, ProfileConfig, _timing, _tolerance, write_probeset  # noqa: E402
 
 SIZES = (32, 16, 8, 4, 2)   # every conv input size of VGG-16 (and ResNet-56's 32, 16, 8) on CIFAR
 REFERENCE = 8               # the size the profile sweeps (probes.sweep_shape)
