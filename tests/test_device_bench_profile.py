@@ -99,7 +99,12 @@ def test_profile_over_ssh_reuses_the_cache(table_path, probe_cache, tmp_path):
     assert "uploading" in proc.stderr  # the probe set went over ssh
     assert "apart between rounds (median)" in proc.stderr  # each entry's timing noise is said
     raw, local = json.loads(out.read_text()), json.loads(table_path.read_text())
-    assert raw["profile"]["probes_converted"] == 0  # every probe came from the cache
+    # Every probe the local profile made came from the cache. Timing noise can move a plateau
+    # between the two profiles, and then the grid points it moved are new probes, and only those.
+    def points(table):
+        return {(k, i, o) for k, g in table["entries"][0]["grids"].items() for i in g["in"] for o in g["out"]}
+    moved = points(raw) ^ points(local)
+    assert raw["profile"]["probes_converted"] <= len(moved), (raw["profile"]["probes_converted"], moved)
     assert raw["board"]["id"] == local["board"]["id"]  # loopback: the same machine
     assert raw["board"]["profiled_as"] == server.host
     assert set(raw["entries"][0]["grids"]) == set(local["entries"][0]["grids"])
