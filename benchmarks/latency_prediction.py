@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", default="1,2")
     p.add_argument("--configs", type=int, default=6, help="held-out networks per model (default 6)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-range", default=f"{KEEP_RANGE[0]},{KEEP_RANGE[1]}", metavar="LO,HI",
+                   help="share of each group's channels a held-out network keeps, drawn uniformly "
+                   f"(default {KEEP_RANGE[0]},{KEEP_RANGE[1]}; what a pruner leaves: e.g. 0.05,0.35)")
     p.add_argument("--runs", type=int, default=200, help="timed invokes per measurement (device_bench run)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="folder with cifar10.npz")
     p.add_argument("--cache", type=Path, default=None, help="probe cache for device_bench profile")
@@ -70,6 +73,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.configs < 1:
         raise BenchError("--configs must be at least 1")
+    try:
+        lo, hi = (float(x) for x in args.keep_range.split(","))
+    except ValueError:
+        raise BenchError(f"--keep-range {args.keep_range!r}: expected LO,HI, e.g. 0.05,0.35") from None
+    if not 0 < lo <= hi <= 1:
+        raise BenchError(f"--keep-range {args.keep_range!r}: needs 0 < LO <= HI <= 1")
+    args.keep_range = (lo, hi)
     args.report_only = args.report_only or args.repredict
     if not (args.data_dir / "cifar10.npz").is_file() and not args.report_only:
         raise BenchError(f"--data-dir {args.data_dir} has no cifar10.npz")
@@ -120,7 +130,7 @@ def held_out_keep(groups, seed: int, result: Dict[str, Any], keep_range=KEEP_RAN
 def repredict(result: Dict[str, Any], table, args) -> None:
     """Predict `result`'s network again with today's table code (a loaded LatencyTable; see the
     module docstring)."""
-    keep = held_out_keep(table.groups, args.seed, result)
+    keep = held_out_keep(table.groups, args.seed, result, args.keep_range)
     for row in result["rows"]:
         entry = table.find(row["format"], row["threads"])
         if entry is None or row.get("predicted_ms") is None:
@@ -168,7 +178,7 @@ def measure_config(model: str, index: int, table: Path, args) -> Dict[str, Any]:
         run, dist = args.out / "runs" / name, args.out / "dist" / name
         if not (run / "report.json").is_file():
             write_random_run(model, run, seed=config_seed(args.seed, model, index),
-                             data_dir=args.data_dir)
+                             data_dir=args.data_dir, keep_range=args.keep_range)
         if not (dist / "manifest.json").is_file():
             rc, _ = run_logged([PYTHON, "-m", "export", str(run), "--out", str(dist), "--formats", args.formats,
                                 "--calib", "64", "--force"], log)
@@ -327,7 +337,7 @@ def main(argv=None) -> int:
         load_end = earlier.get("load_average_end")
     else:
         load_end = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    doc = {"meta": started, "target": TARGET, "keep_range": KEEP_RANGE, "load_average_end": load_end,
+    doc = {"meta": started, "target": TARGET, "keep_range": list(args.keep_range), "load_average_end": load_end,
            "profiles": profiles, "summary": summarize(results, tables), "results": results, "failed": failed}
     write_json(args.out / "latency_prediction.json", doc)
     if results:

@@ -614,3 +614,10 @@ def test_plateaus_by_size_prices_a_staircase_as_a_table_does():
     sixteen = lt.Axis([[1, 16], [17, 32], [33, 48], [49, 64]], 64, 0, 0, {32: 0.7})
     got = priced(sixteen, widths, ms[:10] + [2.5] + ms[11:])
     assert got[9] == pytest.approx(2.5) and got[12] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("keep_range, message", [("0.5", "expected LO,HI"), ("0.4,0.2", "needs 0 < LO <= HI <= 1"),
+                                                 ("0,0.3", "needs 0 < LO <= HI <= 1")])
+def test_latency_prediction_keep_range_bad_input_is_one_line_exit_2(keep_range, message, tmp_path):
+    proc = run_script("latency_prediction.py", "--keep-range", keep_range, "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
