@@ -37,11 +37,8 @@ def shape(size: int) -> dict:
 
 
 def axis_of(widths, ms, tolerance: float) -> lt.Axis:
-    """The Axis a profile would fit to this sweep (profile.fit_axes, one side)."""
-    fit = lt.find_flat_gaps(widths, ms, tolerance)
-    sweep = {"widths": list(widths), "ms": list(ms)}
-    return lt.Axis(fit["flat"], fit["sweep_max"], fit["period"], fit["last_top"],
-                   lt.find_dips(sweep, fit["flat"], tolerance))
+    """The Axis a table fits to this sweep when it is loaded (plateaus and dips)."""
+    return lt.Axis.from_json({"sweep": {"widths": list(widths), "ms": list(ms)}}, tolerance)
 
 
 def priced(axis: lt.Axis, widths, ms) -> np.ndarray:
