@@ -92,7 +92,7 @@ PRESETS = {
     # Hours on a 2-core CPU: the whole CIFAR-10 training set, 4 epochs of one-cycle (compress's cpu
     # preset otherwise: batch 256, lr 0.1, Nesterov, wd 5e-4, bf16). Test-set evaluation only at the
     # end of each run (a full-test-set evaluation of VGG-16 costs ~15-30 s here; 34 runs x 4 epochs
-    # would add ~50 min). Cost: ~24 dense-VGG-16-epoch equivalents per budget epoch over the 34 runs
+    # would add ~50 min). Cost: ~24 dense-VGG-16-epoch equivalents per budget epoch over the first 34 runs
     # (one-shot methods train dense half the time, seed ~80 %, slim nets 1.5-4x faster); at
     # ~300 img/s, 167 s per dense epoch: ~70 min per budget epoch, ~5-5.5 h for 4 epochs incl.
     # evaluation and export of the run folders, on an otherwise idle host.

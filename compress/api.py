@@ -24,7 +24,7 @@ Methods (the same names as the CLI's `--method`):
   settle period, after which `extract()` can cut the network (the rest of training then runs on
   the compact network, which is the same function and cheaper). Schedule knobs: `warmup`, `ramp`,
   `end` (shares of the budget), `settle_epochs`, and SeedConfig's fields (`smoothing`,
-  `update_every`, `redistribute`, `redistribute_by`, `redistribute_every`, `soft`).
+  `update_every`, `hysteresis`, `redistribute`, `redistribute_by`, `redistribute_every`, `budget_init`, `soft`).
 * "l1", "random" — one-shot: `Pruner(...).extract()` right away scores (filter L1 norm; a seeded
   random draw) and cuts.
 * Targets: "flops=R", "params=R", or both ("flops=0.76,params=0.92": both met, each within 1 pp).
