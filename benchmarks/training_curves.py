@@ -37,7 +37,9 @@ def read_run(folder: Path) -> dict:
         with open(log_path, newline="") as f:
             rows = list(csv.DictReader(f))
         epochs = [{"epoch": int(r["epoch"]), "phase": r["phase"],
+                   "train_top1": float(r["train_top1"]), "train_loss": float(r["train_loss"]),
                    "test_top1": float(r["test_top1"]) if r["test_top1"] else None,
+                   "test_loss": float(r["test_loss"]) if r["test_loss"] else None,
                    "params": int(r["params"]), "flops": int(r["flops"]), "seconds": float(r["seconds"])}
                   for r in rows]
     except (OSError, KeyError, ValueError) as exc:
@@ -56,13 +58,20 @@ def read_run(folder: Path) -> dict:
 def markdown(result: dict) -> str:
     lines = ["# Training curves", "", *meta_markdown(result["meta"]),
              "- read from the runs' report.json and train_log.csv; each run's own date is its `finished` column", "",
-             "| run | method | epochs | top-1 | FLOPs (MACs) | params | params cut | train s (summed) | finished |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "- last epoch: train top-1 and loss as logged while training (augmented images, the network "
+             "changing), test loss on the test images: a network that fits its training data less "
+             "(lower train top-1) is short of capacity or epochs, one with a wider train-test gap overfits", "",
+             "| run | method | epochs | top-1 | FLOPs (MACs) | params | params cut | last epoch: train top-1 / "
+             "loss | test loss | train s (summed) | finished |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in result["runs"]:
         cut = 1 - r["params"] / r["dense_params"]
+        last = r["epochs"][-1]
+        test_loss = f"{last['test_loss']:.3f}" if last["test_loss"] is not None else "–"
         lines.append(f"| {r['name']} | {r['method']} | {len(r['epochs'])} | {r['top1']:.4f} | "
                      f"{r['flops'] / 1e6:.2f} M | {r['params'] / 1e6:.3f} M | {cut:.1%} | "
-                     f"{r['epochs'][-1]['seconds']:.0f} | {r['finished']} |")
+                     f"{last['train_top1']:.4f} / {last['train_loss']:.3f} | {test_loss} | "
+                     f"{last['seconds']:.0f} | {r['finished']} |")
     lines += ["", "![test top-1 and parameters per epoch](curves.png)", ""]
     return "\n".join(lines)
 

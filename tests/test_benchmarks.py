@@ -117,6 +117,8 @@ def test_training_curves_reads_real_runs(smoke_results, tmp_path):
     assert (dense["method"], seed["method"]) == ("none", "seed") and len(seed["epochs"]) == 2
     report = json.loads((runs / "vgg16-seed-f50" / "report.json").read_text())
     assert seed["params"] == report["slim"]["params"] == seed["epochs"][-1]["params"] < dense["params"]
+    last_logged = (runs / "vgg16-seed-f50" / "train_log.csv").read_text().splitlines()[-1].split(",")
+    assert seed["epochs"][-1]["train_top1"] == float(last_logged[4]) and 0 < seed["epochs"][-1]["train_loss"]
     assert "| vgg16-seed-f50 | seed | 2 |" in (tmp_path / "curves" / "curves.md").read_text()
     assert (tmp_path / "curves" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
