@@ -1,10 +1,10 @@
-"""Test top-1 and parameter count per epoch of finished compress runs, side by side.
+"""Test top-1, train top-1 and parameter count per epoch of finished compress runs, side by side.
 
     python benchmarks/training_curves.py RUN [RUN ...] --out DIR
 
 Each RUN is a compress run folder (or a copy holding its report.json and train_log.csv). Reads
 only those two files, trains nothing. Writes DIR/curves.json, curves.md (final numbers per run)
-and curves.png (test top-1 and parameters against the epoch, one line per run): how a pruning
+and curves.png (test top-1, train top-1 and parameters against the epoch, one line per run): how a pruning
 run's accuracy and size evolve while it trains, next to the dense run it is compared with.
 """
 from __future__ import annotations
@@ -78,16 +78,19 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     plt = pyplot()
-    fig, (acc, size) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (acc, fit, size) = plt.subplots(1, 3, figsize=(16, 4.2))
     for r in result["runs"]:
         evaluated = [e for e in r["epochs"] if e["test_top1"] is not None]
         acc.plot([e["epoch"] for e in evaluated], [e["test_top1"] for e in evaluated], "o-", markersize=3,
                  label=f"{r['name']} ({r['top1']:.2%})")
+        fit.plot([e["epoch"] for e in r["epochs"]], [e["train_top1"] for e in r["epochs"]], "o-", markersize=3,
+                 label=f"{r['name']} ({r['epochs'][-1]['train_top1']:.2%})")
         size.plot([e["epoch"] for e in r["epochs"]], [e["params"] / 1e6 for e in r["epochs"]], "o-", markersize=3,
                   label=r["name"])
     acc.set_ylabel("test top-1 after the epoch")
+    fit.set_ylabel("train top-1 during the epoch (augmented)")
     size.set_ylabel("parameters (M) after the epoch")
-    for ax in (acc, size):
+    for ax in (acc, fit, size):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
