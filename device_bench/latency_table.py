@@ -144,6 +144,13 @@ class Axis:
         return [int(x) for x in w[self.effective(w) == w]]
 
 
+CREEP = 0.10   # a plateau may rise this much from its first width to its top (at least 2x the tolerance)
+
+
+def creep(tolerance: float) -> float:
+    return max(CREEP, 2 * tolerance)
+
+
 def find_flat_gaps(widths: Sequence[int], ms: Sequence[float], tolerance: float) -> Dict[str, Any]:
     """Plateaus in a latency sweep over `widths`: the Axis parameters (see Axis).
 
@@ -180,13 +187,6 @@ def find_flat_gaps(widths: Sequence[int], ms: Sequence[float], tolerance: float)
             period, last_top = length, flat[-1][1]
     return {"flat": [list(g) for g in flat], "sweep_max": int(w[-1]) if len(w) else 0,
             "period": period, "last_top": last_top}
-
-
-CREEP = 0.10   # a plateau may rise this much from its first width to its top (at least 2x the tolerance)
-
-
-def creep(tolerance: float) -> float:
-    return max(CREEP, 2 * tolerance)
 
 
 def isotonic(y: np.ndarray) -> np.ndarray:
