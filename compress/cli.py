@@ -24,7 +24,7 @@ from typing import Optional
 
 from compress.errors import UserError
 from compress.presets import DEFAULT_PRESET, PRESETS
-from compress.prune.seed_config import BUDGET_INIT, REDISTRIBUTE_BY, SCHEDULE, SeedConfig
+from compress.prune.seed_config import BUDGET_INIT, REDISTRIBUTE_BY, SCHEDULE, SeedConfig, seed_options
 from compress.prune.targets import parse_target
 
 _SEED = SeedConfig()   # the seed method's defaults, for the help text
@@ -325,6 +325,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--finetune-fraction must be strictly between 0 and 1, got {cfg.finetune_fraction}")
     if not 0 <= cfg.finetune_epochs < cfg.epochs:
         raise UserError(f"--finetune-epochs must be in [0, --epochs), got {cfg.finetune_epochs}")
+    if cfg.method == "seed":   # its schedule and knobs, checked now rather than after loading the data
+        # The steps per epoch come with the data; at a nominal 10,000 the shares, the settle epochs and
+        # every knob are checked, and only a schedule too fine for very few steps is left to the run.
+        SeedConfig.for_run("flops", 0.5, cfg.epochs - cfg.finetune_epochs, 10_000, **seed_options(cfg))
     if cfg.method != "seed":
         given = [f for f in SEED_ONLY if getattr(cfg, f) is not None]
         if given:

@@ -41,6 +41,7 @@ from compress.flops import Counts, count
 from compress.models import build_model, init_weights
 from compress.prune.budget import positional_scores, select
 from compress.prune.graph import ChannelGroup, find_groups
+from compress.prune.seed_config import seed_options
 from compress.prune.surgery import extract, rebuild
 from compress.train import Callback, Phase, Trainer, steps_per_epoch
 
@@ -295,16 +296,6 @@ def make_plan(cfg, data, *, num_classes: int, input_shape: tuple) -> Plan:
                              taylor_batches=cfg.taylor_batches if method == "taylor" else 0)
     return Plan(model, phases, [callback], dense_counts, target, dense_top1=lambda log: callback.dense_top1,
                 pruning=callback.report)
-
-
-def seed_options(cfg) -> dict:
-    """The seed method's knobs given on the command line (the rest take compress/prune/seed_config.py's)."""
-    given = {"warmup": cfg.prune_warmup, "ramp": cfg.prune_ramp, "end": cfg.prune_end,
-             "settle_epochs": cfg.prune_settle, "smoothing": cfg.prune_smoothing, "update_every": cfg.prune_every,
-             "redistribute": cfg.redistribute, "redistribute_by": cfg.redistribute_by, "soft": cfg.soft_masks,
-             "redistribute_every": cfg.redistribute_every,
-             "hysteresis": cfg.prune_hysteresis, "budget_init": cfg.prune_budget_init}
-    return {k: v for k, v in given.items() if v is not None}
 
 
 def _check_table_model(path: str, spec: str, num_classes: int, width: float) -> None:

@@ -200,6 +200,21 @@ def test_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, small_cifar
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--prune-end", "0.15"], "warm-up + ramp <= end"),        # the default warm-up + ramp is 0.2
+    (["--prune-smoothing", "1.5"], "(--prune-smoothing)"),
+    (["--prune-settle", "5"], "too short"),
+])
+def test_a_bad_seed_schedule_is_refused_before_the_data_is_read(flags, expected, tmp_path: Path):
+    """A schedule that cannot work fails at once, not after the data set has been found and loaded:
+    the data folder here does not exist, and the schedule is what the error names."""
+    proc = compress("--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "out"), "--preset", "smoke",
+                    "--target", "flops=0.5", *flags, check=False, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr and "CIFAR" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_existing_run_without_force_is_refused(seed_run: Path, tmp_path: Path, small_cifar_dir: Path):
     before = (seed_run / "report.json").read_text()
     proc = compress(*tiny_args(small_cifar_dir, "--method", "seed", "--target", "flops=0.5",

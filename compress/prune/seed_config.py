@@ -104,3 +104,14 @@ class SeedConfig:
         """The number of epochs after which the network is cut: the first epoch boundary at least
         `settle_steps` after the freeze."""
         return math.ceil((self.freeze_at + self.settle_steps) / steps_per_epoch)
+
+
+def seed_options(cfg) -> dict:
+    """The seed method's knobs given on the command line (a compress.cli RunConfig), as
+    SeedConfig.for_run's keywords; the ones not given take this module's defaults."""
+    given = {"warmup": cfg.prune_warmup, "ramp": cfg.prune_ramp, "end": cfg.prune_end,
+             "settle_epochs": cfg.prune_settle, "smoothing": cfg.prune_smoothing, "update_every": cfg.prune_every,
+             "redistribute": cfg.redistribute, "redistribute_by": cfg.redistribute_by, "soft": cfg.soft_masks,
+             "redistribute_every": cfg.redistribute_every,
+             "hysteresis": cfg.prune_hysteresis, "budget_init": cfg.prune_budget_init}
+    return {k: v for k, v in given.items() if v is not None}
