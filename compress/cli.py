@@ -329,7 +329,7 @@ def validate(cfg: RunConfig) -> None:
         # The steps per epoch come with the data; at a nominal 10,000 the shares, the settle epochs and
         # every knob are checked, and only a schedule too fine for very few steps is left to the run.
         SeedConfig.for_run("flops", 0.5, cfg.epochs - cfg.finetune_epochs, 10_000, **seed_options(cfg))
-    if cfg.method != "seed":
+    else:
         given = [f for f in SEED_ONLY if getattr(cfg, f) is not None]
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} is a seed-method option; --method {cfg.method} "
