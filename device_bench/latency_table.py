@@ -470,7 +470,14 @@ class GroupLatency:
         return self._lookup(*self.widths(k))
 
     def total(self, k: np.ndarray) -> float:
-        return float(self.entry.network_ms(self.layers(k).sum()))
+        return float(self.totals(np.asarray(k, dtype=np.float64)[None, :])[0])
+
+    def totals(self, ks: np.ndarray) -> np.ndarray:
+        """Network ms for many kept-count vectors at once (rows of `ks`, shape (n, groups))."""
+        ks = np.asarray(ks, dtype=np.float64).T
+        w_in = np.rint(self.c_in[:, None] + self.a_in @ ks).astype(np.int64)
+        w_out = np.rint(self.c_out[:, None] + self.a_out @ ks).astype(np.int64)
+        return np.asarray(self.entry.network_ms(self._lookup(w_in, w_out).sum(axis=0)), dtype=np.float64)
 
     def change(self, k: np.ndarray, step: np.ndarray) -> np.ndarray:
         """ms the network changes by when group g alone goes from k[g] to k[g] + step[g], for every

@@ -73,6 +73,10 @@ def test_removed_branches_cut_equals_masked_and_round_trips(tmp_path):
             step[g] = -1
             for metric in ("flops", "params"):
                 assert cost.change(metric, k, step)[g] == cost.resource(metric, k + step) - cost.resource(metric, k)
+    other = cost.vector(select(random_scores(groups, 1), cost, "flops", 0.3, 0.1, removed=frozenset(GONE[:1])))
+    rows = np.stack([k, other, cost.sizes.astype(np.float64)])   # many selections at once, as one by one
+    for metric in ("flops", "params"):
+        assert np.rint(cost.resources(metric, rows)).tolist() == [cost.resource(metric, r) for r in rows]
 
     arch = arch_of(slim, "resnet20", 10, 0.5)
     save_file({k: v.contiguous() for k, v in slim.state_dict().items()}, tmp_path / "w.safetensors")

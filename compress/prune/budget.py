@@ -14,6 +14,8 @@ and the whole group; with a latency table, the widths where the runtime gets fas
    width) whose removed channels have the lowest mean score / (resource the step saves)**cost_power
    (0, the default: score alone); equal priority: the bigger saving first. Savings are recomputed
    after every step, since a layer's cost is bilinear in the widths of its input and output groups.
+   A latency table's steps are where a layer gets faster at its neighbours' dense widths; where a
+   group's next step saves nothing at the current widths, its step is to the nearest width that does.
 2. Fill: while some step up fits in the slack left under the target, take the one whose channels
    have the highest mean score / (resource it costs)**cost_power. So the result is at or just under
    the target: the reduction reached is >= the target and exceeds it by less than the cheapest step.
@@ -26,8 +28,10 @@ one, take away the cheapest steps that restore the tight one, while that brings 
 resource closer to its target. Where a metric is still more than 1 pp past its target (coarse
 steps: small networks, latency plateaus), one step more in some group and a second settle, as a
 single target gets below. Both land within 1 pp when the model's widths allow it and these passes
-find it; otherwise `select` raises UserError naming what was reached. A latency budget is a ceiling: it is met at or
-under the budget (the other metrics of the target still land within 1 pp).
+find it. When they miss and the allowed widths give few selections (<= EXHAUSTIVE_LIMIT: a few
+groups with coarse steps), every selection is tried and the best-scoring one that meets the target
+kept; otherwise `select` raises UserError naming what was reached. A latency budget is a ceiling:
+it is met at or under the budget (the other metrics of the target still land within 1 pp).
 
 With `budgets` (channels per group, as the seed method's redistribution sets them) each group
 starts at its budget (its nearest allowed width), then the same passes move the counts the least
@@ -139,6 +143,9 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
             k = _tighten(k, cost, m, limits[m], greedy)
         missed = missed_now(k)
         if missed:
+            best = _exhaustive(cost, widths, targets, limits, ranked)
+            if best is not None:
+                return _masks(cost, order, best)
             got = ", ".join(f"{m} -{achieved_k(cost, m, k):.1%}" for m in targets)
             raise UserError(f"cannot hit {', '.join(f'{m}={r:g}' for m, r in targets.items())} within "
                             f"{JOINT_TOLERANCE:.0%} at once with these minimum widths: the closest selection "
@@ -146,6 +153,9 @@ def select(scores: Mapping[str, torch.Tensor], cost: ResourceModel, metric: str,
     elif greedy.contiguous:   # _tighten moves one channel at a time
         k = _tighten(k, cost, metric, limits[metric], greedy)
     if greedy._over(k):   # e.g. a latency table whose steps save nothing past some width
+        best = _exhaustive(cost, widths, targets, limits, ranked)
+        if best is not None:
+            return _masks(cost, order, best)
         raise UserError(f"cannot reach {metric}: the widths allowed stop saving before the target "
                         f"(reached {achieved_k(cost, metric, k):.1%} of the {targets[metric]:.1%} asked)")
     return _masks(cost, order, k)
@@ -214,11 +224,10 @@ class _Greedy:
             new = self._neighbours(k, down=True)
             if frozen is not None:
                 new[frozen] = np.nan
-            step = np.nan_to_num(new - k)
-            # Saving on the resources still over their limit (relative to dense when there are
-            # several); once another is met, always per unit of saving (the lagging one steers).
-            saving = sum(-self.cost.change(m, k, step) / (self.cost.dense(m) if len(self.limits) > 1 else 1.0)
-                         for m in over)
+            saving = self._saving(k, new, over)
+            stalled = ~np.isnan(new) & (saving <= 0)
+            if stalled.any():
+                new, saving = self._past_plateaus(k, new, saving, stalled, over)
             power = self.power if len(over) == len(self.limits) else max(self.power, 1.0)
             ok = ~np.isnan(new) & (saving > 0)
             if not ok.any():
@@ -229,6 +238,29 @@ class _Greedy:
             k[g] = new[g]
             over = self._over(k)
         return k
+
+    def _saving(self, k: np.ndarray, new: np.ndarray, over: list[str]) -> np.ndarray:
+        """Saving of each group's move from k to `new` on the resources still over their limit
+        (relative to dense when there are several; once another is met, the lagging one steers)."""
+        step = np.nan_to_num(new - k)
+        return sum(-self.cost.change(m, k, step) / (self.cost.dense(m) if len(self.limits) > 1 else 1.0)
+                   for m in over)
+
+    def _past_plateaus(self, k, new, saving, stalled, over):
+        """A latency table's steps are where a layer gets faster at the dense widths of its
+        neighbours; at other widths a group's next step down can save nothing while a lower one does
+        (the remove pass stalled there with the budget in reach). Such a group steps down to its
+        nearest width that saves."""
+        new, saving, stalled = new.copy(), saving.copy(), stalled.copy()
+        further = new.copy()
+        while stalled.any():
+            further = np.where(stalled, neighbours(self.widths, further, down=True), further)
+            stalled &= ~np.isnan(further)
+            trial = self._saving(k, np.where(stalled, further, k), over)
+            found = stalled & (trial > 0)
+            new[found], saving[found] = further[found], trial[found]
+            stalled &= ~found
+        return new, saving
 
     def fill(self, k: np.ndarray) -> np.ndarray:
         k = k.copy()
@@ -326,6 +358,31 @@ def _tighten(k, cost, metric, limit, greedy: _Greedy, rounds: int = 20, good_eno
             break
         slack, k = best
     return k
+
+
+EXHAUSTIVE_LIMIT = 200_000   # selections scored at once: ~0.1 s, a few MB
+
+
+def _exhaustive(cost: ResourceModel, widths: list[np.ndarray], targets: Mapping[str, float],
+                limits: Mapping[str, float], cumulative: list[np.ndarray]) -> np.ndarray | None:
+    """When the greedy passes miss a target (coarse latency steps, a few groups) and the allowed
+    widths give at most EXHAUSTIVE_LIMIT selections: try them all and keep the one with the highest
+    total kept score that meets every limit (with a joint target, every metric but a latency
+    ceiling within JOINT_TOLERANCE of its target). None when there are more or none meets it."""
+    if math.prod(len(w) for w in widths) > EXHAUSTIVE_LIMIT:
+        return None
+    ks = np.stack(np.meshgrid(*widths, indexing="ij"), axis=-1).reshape(-1, len(widths))
+    ok = np.ones(len(ks), dtype=bool)
+    for m, r in targets.items():
+        used = cost.resources(m, ks)
+        ok &= used <= limits[m] + 1e-9 * cost.dense(m)
+        if len(targets) > 1 and m != "latency":
+            ok &= used >= cost.dense(m) * (1.0 - r - JOINT_TOLERANCE)
+    if not ok.any():
+        return None
+    sizes = cost.sizes.astype(np.int64)
+    kept_score = sum(c[-1] - c[sizes[g] - ks[:, g].astype(np.int64)] for g, c in enumerate(cumulative))
+    return ks[np.flatnonzero(ok)[np.argmax(kept_score[ok])]]
 
 
 def _masks(cost: ResourceModel, order: list, k: np.ndarray) -> dict[str, torch.Tensor]:

@@ -156,12 +156,15 @@ class ResourceModel:
             out.append((g, li, counted - 1.0))
         return out
 
-    def _branch_correction(self, k: np.ndarray) -> float:
-        """Params the bilinear model counts for removed branches beyond what the cut network holds."""
-        if not self._branch_params:
-            return 0.0
-        width_out = self.c_out + self.a_out @ k
-        return sum(extra * width_out[li] for g, li, extra in self._branch_params if k[g] == 0)
+    def _branch_correction(self, ks: np.ndarray) -> np.ndarray:
+        """Params the bilinear model counts for removed branches beyond what the cut network holds,
+        for each row of `ks` (kept counts, shape (n, groups))."""
+        out = np.zeros(len(ks))
+        if self._branch_params:
+            width_out = self.c_out + ks @ self.a_out.T
+            for g, li, extra in self._branch_params:
+                out += np.where(ks[:, g] == 0, extra * width_out[:, li], 0.0)
+        return out
 
     def attach_latency(self, entry) -> None:
         """Price the "latency" metric with `entry` (a LatencyEntry of a table for this network);
@@ -203,17 +206,22 @@ class ResourceModel:
 
     def resource(self, metric: str, keep) -> int | float:
         """FLOPs or params (int), or latency (predicted ms, float) at kept counts `keep`."""
+        total = self.resources(metric, self.vector(keep)[None, :])[0]
+        return float(total) if metric == "latency" else int(round(total))
+
+    def resources(self, metric: str, ks: np.ndarray) -> np.ndarray:
+        """The resource at many kept-count vectors at once (rows of `ks`, shape (n, groups)), as floats."""
         if metric not in METRICS:
             raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-        k = self.vector(keep)
+        ks = np.asarray(ks, dtype=np.float64)
         if metric == "latency":
-            return self._latency().total(k)
-        width_in = self.c_in + self.a_in @ k
-        width_out = self.c_out + self.a_out @ k
-        total = self.const[metric] + np.sum(self.ab[metric] * width_out * width_in + self.b[metric] * width_out)
+            return self._latency().totals(ks)
+        width_in = self.c_in + ks @ self.a_in.T
+        width_out = self.c_out + ks @ self.a_out.T
+        total = self.const[metric] + (self.ab[metric] * width_out * width_in + self.b[metric] * width_out).sum(axis=1)
         if metric == "params":
-            total -= self._branch_correction(k)
-        return int(round(total))
+            total -= self._branch_correction(ks)
+        return total
 
     def flops(self, keep) -> int:
         return self.resource("flops", keep)
@@ -239,11 +247,8 @@ class ResourceModel:
         per_layer = ab * (d_in * width_out[:, None] + width_in[:, None] * d_out + d_in * d_out) + b * d_out
         change = per_layer.sum(axis=0)
         if metric == "params" and self._branch_params:   # removed branches: one value per channel
-            before = self._branch_correction(k)
-            for g in np.flatnonzero(step):
-                moved = k.copy()
-                moved[g] += step[g]
-                change[g] -= self._branch_correction(moved) - before
+            moved = np.repeat(k[None, :], len(k), axis=0) + np.diag(step)   # row g: group g moved
+            change -= self._branch_correction(moved) - self._branch_correction(k[None, :])[0]
         return change
 
     def removal_savings(self, metric: str, k: np.ndarray) -> np.ndarray:
